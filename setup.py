@@ -1,0 +1,54 @@
+"""Packaging for megatron_bd3.
+
+torch is pinned to the exact release the project is tested with. Install it *before* this
+package (the Makefile does) so pip resolves the pin against the build already present: on a
+CPU machine that is the CPU wheel, and nothing here can pull a CUDA build on top of it.
+apex is optional and never a dependency (see README, "GPU installs").
+"""
+
+from setuptools import find_packages, setup
+
+TORCH_VERSION = "2.13.0"
+
+install_requires = [
+    f"torch=={TORCH_VERSION}",
+    "megatron-core==0.16.1",
+    "deepspeed==0.19.8",
+    "webdataset==1.0.2",
+    "sentencepiece==0.2.3",
+    "wandb==0.31.0",
+    "safetensors==0.8.0",
+    "pyyaml==6.0.3",
+    "tqdm==4.70.1",
+    "numpy==2.4.6",
+    # Carries the embedded default corpus (the Lee news corpus in its test data); read as a file,
+    # never imported at run time.
+    "gensim==4.4.0",
+    # Input formats of the data tools: parquet files and Hugging Face tokenizer JSON files.
+    "pyarrow==26.0.1",
+    "tokenizers==0.23.3",
+]
+
+extras_require = {
+    "dev": ["pytest==9.2.0", "ruff==0.17.6"],
+}
+
+setup(
+    name="megatron_bd3",
+    version="0.1.0",
+    description="Distributed training of Block Diffusion language models (BD3-LM) on megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_bd3", "megatron_bd3.*", "tools", "tools.*"]),
+    include_package_data=True,
+    install_requires=install_requires,
+    extras_require=extras_require,
+    entry_points={
+        "console_scripts": [
+            "bd3-train-tokenizer=tools.train_tokenizer:main",
+            "bd3-prepare-data=tools.prepare_data:main",
+            "bd3-train=tools.train:main",
+            "bd3-convert=tools.convert:main",
+            "bd3-sample=tools.sample:main",
+        ]
+    },
+)

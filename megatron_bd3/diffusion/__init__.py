@@ -1,0 +1,98 @@
+"""Pure-torch BD3-LM math: attention masks, noise schedules, layout-invariant noise, the
+forward process, SUBS and the NELBO. No megatron or deepspeed import; the single source used by
+training, evaluation, the sampler and the tests.
+"""
+
+from megatron_bd3.diffusion.forward_process import (
+    DEFAULT_MAX_RESAMPLE_TRIES,
+    NoisedBatch,
+    check_fraction_reachable,
+    mask_tokens,
+    masked_fraction_bounds,
+    noise_batch,
+    resample_block_noise,
+)
+from megatron_bd3.diffusion.loss import (
+    NEG_INFINITY,
+    NELBOOutput,
+    nelbo_from_token_nll,
+    nelbo_loss,
+    subs_log_probs,
+    token_nll_from_logits,
+)
+from megatron_bd3.diffusion.mask import (
+    block_diffusion_allowed,
+    block_diffusion_block_mask,
+    block_diffusion_mask,
+    flex_mask_mod,
+    mask_density,
+    sampling_mask,
+    validate_block_layout,
+)
+from megatron_bd3.diffusion.schedules import (
+    DEFAULT_CLIP_RANGE,
+    ELBO_EPS_MIN,
+    ClipRange,
+    CosineSchedule,
+    LinearSchedule,
+    LogSchedule,
+    MDLMLogLinearSchedule,
+    NoiseSchedule,
+    PowerSchedule,
+    clip_search_grid,
+    get_noise_schedule,
+    loss_weight_with_clipping,
+)
+from megatron_bd3.diffusion.timesteps import (
+    STREAM_BLOCK_TIME,
+    STREAM_STRATA_PERMUTATION,
+    STREAM_TOKEN_MASK,
+    expand_to_tokens,
+    fixed_block_times,
+    hash_uint32,
+    sample_block_times,
+    uniform_noise,
+)
+
+__all__ = [
+    "DEFAULT_CLIP_RANGE",
+    "DEFAULT_MAX_RESAMPLE_TRIES",
+    "ELBO_EPS_MIN",
+    "NEG_INFINITY",
+    "STREAM_BLOCK_TIME",
+    "STREAM_STRATA_PERMUTATION",
+    "STREAM_TOKEN_MASK",
+    "ClipRange",
+    "CosineSchedule",
+    "LinearSchedule",
+    "LogSchedule",
+    "MDLMLogLinearSchedule",
+    "NELBOOutput",
+    "NoiseSchedule",
+    "NoisedBatch",
+    "PowerSchedule",
+    "block_diffusion_allowed",
+    "block_diffusion_block_mask",
+    "block_diffusion_mask",
+    "check_fraction_reachable",
+    "clip_search_grid",
+    "expand_to_tokens",
+    "fixed_block_times",
+    "flex_mask_mod",
+    "get_noise_schedule",
+    "hash_uint32",
+    "loss_weight_with_clipping",
+    "mask_density",
+    "mask_tokens",
+    "masked_fraction_bounds",
+    "nelbo_from_token_nll",
+    "nelbo_loss",
+    "noise_batch",
+    "resample_block_noise",
+    "sample_block_times",
+    "sampling_mask",
+    "subs_log_probs",
+    "token_nll_from_logits",
+    "uniform_noise",
+    "validate_block_layout",
+]

@@ -65,7 +65,9 @@ def run_distributed(
         out = exc.stdout or ""
         if isinstance(out, bytes):
             out = out.decode(errors="replace")
-        raise AssertionError(f"{script} on {nproc} ranks timed out after {timeout}s:\n{out[-6000:]}")
+        raise AssertionError(
+            f"{script} on {nproc} ranks timed out after {timeout}s:\n{out[-6000:]}"
+        ) from None
     if proc.returncode != 0:
         raise AssertionError(
             f"{script} on {nproc} ranks exited with {proc.returncode}:\n{proc.stdout[-8000:]}"

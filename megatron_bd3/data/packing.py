@@ -1,0 +1,119 @@
+"""Documents -> fixed-length training sequences, and the train/validation split by document.
+
+BD3-LM trains on sequences of exactly L tokens (the [x_t ; x_0] attention mask has a fixed size
+2L): documents are concatenated with EOS after each one and the stream is cut into pieces, with no
+padding and no per-document masking (method doc §1.2, §2.2). This matches the reference's
+`wrap=True` data path:
+  - `insert_eos=True`: EOS after every document (the reference's `insert_{train,valid}_eos`);
+  - `insert_special=True`: every chunk of L-2 content tokens becomes BOS + chunk + EOS (the
+    reference's `insert_{train,valid}_special`); off by default, as for the OWT models, which are
+    trained without BOS/EOS at chunk boundaries so generation is not pushed to stop at L.
+The tail of a split's stream that does not fill a whole sequence is dropped (as the reference
+does) and its token count is reported, never silently lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+TRAIN = "train"
+VALIDATION = "validation"
+SPLITS = (TRAIN, VALIDATION)
+
+
+def document_split(text: str, val_fraction: float, split_seed: int) -> str:
+    """The split of a document: `validation` with probability `val_fraction`, by a keyed hash.
+
+    The decision depends only on the document's text and the seed — not on its position, the
+    input order or the number of worker processes — so it is reproducible, and identical copies of
+    a document always land in the same split (no train/validation leakage through duplicates).
+    """
+    if val_fraction <= 0.0:
+        return TRAIN
+    if val_fraction >= 1.0:
+        return VALIDATION
+    digest = hashlib.blake2b(
+        text.encode("utf-8"), digest_size=8, key=int(split_seed).to_bytes(8, "little")
+    ).digest()
+    return VALIDATION if int.from_bytes(digest, "little") < val_fraction * 2.0**64 else TRAIN
+
+
+class SequencePacker:
+    """Concatenate documents (EOS after each) and cut the stream into sequences of `seq_length`.
+
+    Counters (for the manifest): `documents`, `document_tokens` (tokens entering the stream, EOS
+    included), `sequences`, and after `finish()` the dropped tail `dropped_tail_tokens`.
+    """
+
+    def __init__(
+        self,
+        seq_length: int,
+        *,
+        bos_id: int,
+        eos_id: int,
+        insert_eos: bool = True,
+        insert_special: bool = False,
+        dtype: np.dtype | type = np.uint32,
+    ) -> None:
+        minimum = 3 if insert_special else 1
+        if seq_length < minimum:
+            raise ValueError(
+                f"seq_length {seq_length} is too short: at least {minimum} "
+                f"({'BOS + 1 token + EOS' if insert_special else '1 token'})"
+            )
+        self.seq_length = seq_length
+        self.content_length = seq_length - 2 if insert_special else seq_length
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.insert_eos = insert_eos
+        self.insert_special = insert_special
+        self.dtype = np.dtype(dtype)
+        self._pending: list[np.ndarray] = []
+        self._pending_length = 0
+        self._eos = np.array([eos_id], dtype=self.dtype)
+        self.documents = 0
+        self.document_tokens = 0
+        self.sequences = 0
+        self.dropped_tail_tokens = 0
+        self._finished = False
+
+    def add(self, tokens: np.ndarray) -> np.ndarray:
+        """Add one document's tokens; return the sequences completed by it, [n, seq_length]."""
+        if self._finished:
+            raise RuntimeError("SequencePacker.add after finish()")
+        tokens = np.asarray(tokens, dtype=self.dtype)
+        self._pending.append(tokens)
+        added = len(tokens)
+        if self.insert_eos:
+            self._pending.append(self._eos)
+            added += 1
+        self.documents += 1
+        self.document_tokens += added
+        self._pending_length += added
+        if self._pending_length < self.content_length:
+            return np.empty((0, self.seq_length), dtype=self.dtype)
+        stream = np.concatenate(self._pending)
+        count = len(stream) // self.content_length
+        cut = count * self.content_length
+        chunks = stream[:cut].reshape(count, self.content_length)  # [n, content_length]
+        rest = stream[cut:]
+        self._pending = [rest] if len(rest) else []
+        self._pending_length = len(rest)
+        self.sequences += count
+        if not self.insert_special:
+            return chunks
+        out = np.empty((count, self.seq_length), dtype=self.dtype)  # [n, L] = BOS, chunk, EOS
+        out[:, 0] = self.bos_id
+        out[:, 1:-1] = chunks
+        out[:, -1] = self.eos_id
+        return out
+
+    def finish(self) -> int:
+        """End of the stream: drop the incomplete tail and return its length in tokens."""
+        self._finished = True
+        self.dropped_tail_tokens = self._pending_length
+        self._pending = []
+        self._pending_length = 0
+        return self.dropped_tail_tokens

@@ -1,0 +1,1 @@
+"""Benchmarks whose reports live in docs/bench/."""

@@ -1,0 +1,45 @@
+"""The BD3 model on megatron-core: config, core attention, layer spec, two-stream model, step.
+
+config       BD3Config (TransformerConfig + BD3 knobs) and presets bd3/ar/mdlm/reference
+masks        the training masks handed to the core attention (True = may attend), cached
+attention    BD3CoreAttention: FlexAttention / SDPA drop-in for megatron's core_attention
+layer_spec   get_bd3_layer_spec: megatron's GPT layer spec with that one leaf swapped
+bd3_model    BD3Model (LanguageModule) and build_bd3_model (megatron model provider)
+step         forward_step / loss_func for megatron's forward_backward_func
+"""
+
+from megatron_bd3.model.attention import BD3CoreAttention, KVCache
+from megatron_bd3.model.bd3_model import BD3LossInputs, BD3Model, build_bd3_model
+from megatron_bd3.model.config import (
+    BD3Config,
+    ar_config,
+    bd3_config,
+    gelu_tanh,
+    mdlm_config,
+    reference_architecture,
+    reference_owt_config,
+)
+from megatron_bd3.model.layer_spec import get_bd3_layer_spec
+from megatron_bd3.model.masks import to_megatron_mask, training_attention_mask
+from megatron_bd3.model.step import BATCH_KEYS, forward_step, loss_func
+
+__all__ = [
+    "BATCH_KEYS",
+    "BD3Config",
+    "BD3CoreAttention",
+    "BD3LossInputs",
+    "BD3Model",
+    "KVCache",
+    "ar_config",
+    "bd3_config",
+    "build_bd3_model",
+    "forward_step",
+    "gelu_tanh",
+    "get_bd3_layer_spec",
+    "loss_func",
+    "mdlm_config",
+    "reference_architecture",
+    "reference_owt_config",
+    "to_megatron_mask",
+    "training_attention_mask",
+]

@@ -1,0 +1,275 @@
+"""BD3CoreAttention: the block-diffusion core attention, a drop-in for megatron's
+DotProductAttention in the `core_attention` leaf of a layer spec.
+
+Same constructor and call contract as megatron-core 0.16.1's DotProductAttention:
+    BD3CoreAttention(config, layer_number, attn_mask_type, attention_type,
+                     attention_dropout=None, softmax_scale=None, cp_comm_type=None,
+                     pg_collection=None)
+    forward(query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+            packed_seq_params=None)
+    q: [sq, b, np, hn], k/v: [sk, b, ng, hn] (per-partition heads / query groups)  ->  [sq, b, np*hn]
+
+The kernel is chosen by the mask that arrives (see masks.py for the convention, True = may attend):
+    BlockMask          -> FlexAttention (the sparse BD3 mask; torch.compile'd on GPU)
+    bool tensor        -> scaled_dot_product_attention with that dense mask
+    None               -> the BD3 training mask of this config over 2L tokens, in the
+                          representation of config.attention_kernel. BD3Model passes None only
+                          when activation recompute is on with flex, because megatron's
+                          checkpoint function saves its arguments with save_for_backward, which
+                          accepts tensors only.
+FlexAttention on CPU has no backward, so a CPU flex call that would need gradients raises here,
+before autograd fails deep inside the backward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from megatron_bd3.model.masks import (
+    is_dense_training_mask,
+    split_training_mask,
+    training_attention_mask,
+)
+
+logger = logging.getLogger(__name__)
+
+_compiled_flex_attention = None
+
+
+@dataclass
+class KVCache:
+    """Keys/values of tokens already run through the model, per layer, for cached inference.
+
+    Stored after RoPE (with the absolute positions the tokens had), in megatron's layout with
+    this rank's key/value heads: layer_number -> [s_cached, b, ng, hn]. A call with
+    `store=True` appends its keys/values (the pass over a finished clean block); with
+    `store=False` they are used for that call only (denoising steps of the current block).
+    """
+
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    store: bool = False
+
+    @property
+    def length(self) -> int:
+        """Number of cached tokens (0 when empty)."""
+        return next(iter(self.keys.values())).size(0) if self.keys else 0
+
+    def extend(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        """[cache ; new] keys and values for `layer`, stored when `store` is set."""
+        if layer in self.keys:
+            key = torch.cat([self.keys[layer], key], dim=0)
+            value = torch.cat([self.values[layer], value], dim=0)
+        if self.store:
+            self.keys[layer], self.values[layer] = key.detach(), value.detach()
+        return key, value
+
+
+def _flex_attention_fn(compile_flex: bool):
+    """flex_attention, compiled once per process when asked (FlexAttention is only fast compiled;
+    eager flex materialises the scores and exists for correctness checks)."""
+    global _compiled_flex_attention
+    if not compile_flex:
+        return flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+    return _compiled_flex_attention
+
+
+class BD3CoreAttention(MegatronModule):
+    """Core attention with an arbitrary (block-diffusion) mask: FlexAttention or SDPA.
+
+    Tensor parallel: heads are split across TP ranks by the surrounding SelfAttention; this
+    module sees np = heads/TP query heads and ng = query_groups/TP key/value heads.
+    Grouped-query attention: kv heads are expanded to the query heads (as DotProductAttention).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+    ) -> None:
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError(
+                f"BD3CoreAttention does not support context_parallel_size "
+                f"{config.context_parallel_size}; use 1"
+            )
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+
+        tp_size = pg_collection.tp.size()
+        projection_size = config.kv_channels * config.num_attention_heads
+        self.hidden_size_per_partition = divide(projection_size, tp_size)
+        self.hidden_size_per_attention_head = divide(projection_size, config.num_attention_heads)
+        self.num_attention_heads_per_partition = divide(config.num_attention_heads, tp_size)
+        self.num_query_groups_per_partition = divide(config.num_query_groups, tp_size)
+
+        # apply_query_key_layer_scaling only moves a factor between the scores and the fp32
+        # softmax in megatron's kernel; the net scale is the same, so it is ignored here.
+        if softmax_scale is None:
+            softmax_scale = 1.0 / math.sqrt(self.hidden_size_per_attention_head)
+        self.softmax_scale = softmax_scale
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
+
+        self.kernel = getattr(config, "resolved_attention_kernel", "sdpa")
+        if getattr(config, "attention_kernel", None) == "auto" and layer_number <= 1:
+            logger.info(
+                "attention_kernel 'auto' resolved to %r (CUDA available: %s, attention_dropout %s)",
+                self.kernel,
+                torch.cuda.is_available(),
+                self.dropout_p,
+            )
+        compile_flex = getattr(config, "compile_flex", None)
+        self.compile_flex = torch.cuda.is_available() if compile_flex is None else compile_flex
+        self._validated_masks: set[tuple[int, tuple[int, ...]]] = set()
+        self.kv_cache: KVCache | None = None  # set by BD3Model.forward_inference only
+
+    # ---------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | BlockMask | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        """Attention over [sq, b, np, hn] queries and [sk, b, ng, hn] keys/values -> [sq, b, hp]."""
+        if packed_seq_params is not None:
+            raise ValueError("BD3CoreAttention does not support packed sequences (THD format)")
+        if attention_bias is not None:
+            raise ValueError("BD3CoreAttention does not support an additive attention_bias")
+
+        if self.kv_cache is not None:
+            key, value = self.kv_cache.extend(self.layer_number, key, value)  # [cache+sk, ...]
+
+        # Grouped-query attention: [sk, b, ng, hn] -> [sk, b, np, hn].
+        heads_per_group = (
+            self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        )
+        if heads_per_group > 1:
+            key = key.repeat_interleave(heads_per_group, dim=2)
+            value = value.repeat_interleave(heads_per_group, dim=2)
+
+        if attention_mask is None:
+            attention_mask = self._default_training_mask(query.size(0), key.size(0), query.device)
+
+        # megatron is sequence-first; both kernels want [b, np, s, hn].
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+
+        if isinstance(attention_mask, BlockMask):
+            context = self._flex(q, k, v, attention_mask)
+        else:
+            context = self._sdpa(q, k, v, attention_mask)
+
+        # [b, np, sq, hn] -> [sq, b, np, hn] -> [sq, b, hp]
+        context = context.permute(2, 0, 1, 3).contiguous()
+        return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _default_training_mask(self, sq: int, sk: int, device: torch.device):
+        seq_length = getattr(self.config, "seq_length", 0)
+        if sq != 2 * seq_length or sk != 2 * seq_length:
+            raise ValueError(
+                f"BD3CoreAttention got attention_mask=None for {sq} queries × {sk} keys; None "
+                f"stands only for the training mask over 2L = {2 * seq_length} tokens. Pass an "
+                "explicit bool mask (True = may attend) for any other input"
+            )
+        return training_attention_mask(seq_length, self.config.block_size, self.kernel, device)
+
+    def _sdpa(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        if mask.dtype != torch.bool:
+            raise TypeError(
+                f"BD3CoreAttention expects a bool mask (True = may attend), got dtype {mask.dtype}"
+            )
+        seq_length = getattr(self.config, "seq_length", 0)
+        if seq_length and is_dense_training_mask(mask, seq_length, self.config.block_size):
+            # The clean queries never attend to noisy keys: run them against the clean keys
+            # only (3L² scores instead of 4L²; the result is identical).
+            noisy_rows, clean_block = split_training_mask(
+                seq_length, self.config.block_size, mask.device
+            )
+            noisy = self._sdpa_call(q[:, :, :seq_length], k, v, noisy_rows)
+            clean = self._sdpa_call(
+                q[:, :, seq_length:], k[:, :, seq_length:], v[:, :, seq_length:], clean_block
+            )
+            return torch.cat([noisy, clean], dim=2)  # [b, np, 2L, hn]
+        self._check_every_query_attends(mask)
+        return self._sdpa_call(q, k, v, mask)
+
+    def _sdpa_call(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p > 0.0:
+            # Per-TP-rank dropout stream, as megatron's attention dropout: each rank holds
+            # different heads, so their dropout masks must be independent. (DotProductAttention
+            # skips the fork under sequence parallel; here the heads are split either way.)
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.softmax_scale
+                )
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+
+    def _flex(self, q, k, v, block_mask: BlockMask) -> torch.Tensor:
+        needs_grad = torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad
+        )
+        if q.device.type == "cpu" and needs_grad:
+            raise RuntimeError(
+                "FlexAttention has no backward on CPU. Train on CPU with attention_kernel='sdpa' "
+                "(or 'auto'), or run this forward under torch.no_grad()"
+            )
+        if self.training and self.dropout_p > 0.0:
+            raise RuntimeError(
+                "FlexAttention has no attention dropout; use attention_kernel='sdpa'"
+            )
+        flex = _flex_attention_fn(self.compile_flex)
+        return flex(q, k, v, block_mask=block_mask, scale=self.softmax_scale)
+
+    def _check_every_query_attends(self, mask: torch.Tensor) -> None:
+        """A query row with no allowed key makes SDPA return NaN. It is also the signature of a
+        megatron-convention mask (True = masked out) passed by mistake: the last row of an
+        inverted causal mask is all False. Checked once per mask tensor (it syncs the device)."""
+        signature = (mask.data_ptr(), tuple(mask.shape))
+        if signature in self._validated_masks:
+            return
+        if not bool(mask.any(dim=-1).all()):
+            raise ValueError(
+                "attention_mask has a query that may attend to no key. BD3CoreAttention masks are "
+                "True = may attend (SDPA/flex convention), the opposite of megatron-core's "
+                "True = masked out; convert with `~mask`"
+            )
+        if len(self._validated_masks) > 64:
+            self._validated_masks.clear()
+        self._validated_masks.add(signature)

@@ -1,0 +1,423 @@
+"""BD3Model: the block-diffusion language model on megatron-core (a LanguageModule).
+
+Training forward (method doc §1-§2): the input is the two streams [x_t ; x_0] (2L tokens), both
+carrying positions 0..L-1 for RoPE, run once through megatron's TransformerBlock under the BD3
+mask (noisy block b sees itself and clean blocks < b; clean block b sees clean blocks ≤ b). Only
+the x_t half reaches the output layer; the clean half exists to provide keys/values at every layer.
+The loss is SUBS + NELBO: the [MASK] logit is removed, the vocab-parallel cross-entropy gives the
+token NLL against x_0, and megatron_bd3.diffusion.nelbo_from_token_nll (the single source of the
+NELBO) turns it into per-token loss terms.
+
+Layouts: megatron is sequence-first. Inputs are batch-first token ids [b, L]; hidden states are
+[s, b, h] with s = 2L (or 2L/TP per rank under sequence parallel); loss terms are [b, L].
+Attention masks are True = may attend (see masks.py), the opposite of megatron's own convention.
+
+Vocabulary: the embedding and output layer have config.padded_vocab_size rows (vocab_size rounded
+up to make_vocab_size_divisible_by × TP). Padded rows get logit -1e6 in the loss and are cut off
+by forward_logits / forward_inference, so the model is a distribution over vocab_size tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import (
+    LanguageModelEmbedding,
+)
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.utils import get_pg_rank
+from torch import Tensor
+
+from megatron_bd3.diffusion import nelbo_from_token_nll
+from megatron_bd3.model.attention import BD3CoreAttention, KVCache
+from megatron_bd3.model.config import BD3Config
+from megatron_bd3.model.layer_spec import get_bd3_block_spec, get_bd3_layer_spec
+from megatron_bd3.model.masks import training_attention_mask
+
+# SUBS zero-masking: the [MASK] logit is pushed to -1e6 so the model never predicts [MASK]
+# (reference `_subs_parameterization`); the padded vocab rows get the same treatment.
+SUBS_NEG_INF = -1e6
+
+
+@dataclass
+class BD3LossInputs:
+    """What the last pipeline stage needs besides the logits to compute the NELBO terms.
+
+    masked:      [b, L] bool, True where x_t holds [MASK] (only these positions carry loss).
+    loss_weight: [b, L] float, the per-token NELBO weight (1/t of the token's block for the
+                 linear schedule), as produced by megatron_bd3.diffusion.noise_batch.
+    loss_mask:   [b, L] optional 0/1, tokens counted in the loss and its denominator.
+    labels:      [b, L] optional targets; None means x_0.
+    """
+
+    masked: Tensor
+    loss_weight: Tensor
+    loss_mask: Tensor | None = None
+    labels: Tensor | None = None
+
+
+class BD3Model(LanguageModule):
+    """Block-diffusion LM: embedding, TransformerBlock with the BD3 spec, x_t-half output layer.
+
+    Args:
+        config: BD3Config (one config for everything).
+        transformer_layer_spec: layer spec; default get_bd3_layer_spec(config).
+        pre_process: this pipeline stage holds the embedding.
+        post_process: this pipeline stage holds the final norm, output layer and loss.
+        vp_stage: virtual pipeline stage index (interleaved schedule).
+        pg_collection: process groups; default megatron's parallel_state groups.
+    """
+
+    def __init__(
+        self,
+        config: BD3Config,
+        transformer_layer_spec: ModuleSpec | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: int | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+    ) -> None:
+        super().__init__(config=config, pg_collection=pg_collection)
+        if not isinstance(config, BD3Config):
+            raise TypeError(f"BD3Model needs a BD3Config, got {type(config).__name__}")
+        self.config: BD3Config = config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.vp_stage = vp_stage
+        self.share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
+        self.model_type = ModelType.encoder_or_decoder  # megatron's schedules read this
+        self.transformer_layer_spec = transformer_layer_spec or get_bd3_layer_spec(config)
+
+        tp_size = self.pg_collection.tp.size()
+        if tp_size != config.tensor_model_parallel_size:
+            raise ValueError(
+                f"config.tensor_model_parallel_size {config.tensor_model_parallel_size} does not "
+                f"match the tensor-parallel group size {tp_size}"
+            )
+        self.vocab_size = config.vocab_size
+        self.padded_vocab_size = config.padded_vocab_size
+
+        if self.pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config,
+                vocab_size=self.padded_vocab_size,
+                max_sequence_length=config.stream_length,
+                position_embedding_type="none",  # RoPE is applied in attention, never added here
+                scatter_to_sequence_parallel=True,
+                tp_group=self.pg_collection.tp,
+            )
+            if config.embedding_dropout is not None:
+                self.embedding.embedding_dropout.p = config.embedding_dropout
+
+        # Every stage applies RoPE inside its attention layers, so every stage has the table.
+        self.rotary_pos_emb = None
+        if config.position_embedding_type == "rope":
+            self.rotary_pos_emb = RotaryEmbedding(
+                kv_channels=config.kv_channels,
+                rotary_percent=config.rotary_percent,
+                rotary_interleaved=config.rotary_interleaved,
+                rotary_base=config.rotary_base,
+                use_cpu_initialization=config.use_cpu_initialization,
+                cp_group=self.pg_collection.cp,
+            )
+
+        self.decoder = TransformerBlock(
+            config=config,
+            spec=get_bd3_block_spec(
+                config, self.transformer_layer_spec, vp_stage, get_pg_rank(self.pp_group)
+            ),
+            pre_process=self.pre_process,
+            post_process=self.post_process,
+            pg_collection=self.pg_collection,
+            vp_stage=vp_stage,
+        )
+
+        if self.post_process:
+            # The output layer sees the x_t half gathered from the sequence-parallel region
+            # (see _x_t_logits), so it is built with sequence parallel off: its input is the full
+            # [L, b, h] on every TP rank and its input-gradient is all-reduced, which is what the
+            # gather's backward (a plain split) expects.
+            output_config = copy.copy(config)
+            output_config.sequence_parallel = False
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                self.padded_vocab_size,
+                config=output_config,
+                init_method=config.init_method,
+                bias=config.output_layer_bias,
+                skip_bias_add=False,
+                gather_output=False,
+                skip_weight_param_allocation=self.pre_process
+                and self.share_embeddings_and_output_weights,
+                tp_group=self.pg_collection.tp,
+            )
+
+        if self.pre_process or self.post_process:
+            self.setup_embeddings_and_output_layer()
+
+    # -- pipeline plumbing -----------------------------------------------------------------------
+
+    def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:
+        """Hidden states from the previous pipeline stage (called by megatron's schedules)."""
+        if not isinstance(input_tensor, list):
+            input_tensor = [input_tensor]
+        if len(input_tensor) != 1:
+            raise ValueError(f"BD3Model takes one input tensor, got {len(input_tensor)}")
+        self.decoder.set_input_tensor(input_tensor[0])
+
+    # -- training forward ------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x_t: Tensor | None,
+        x_0: Tensor | None,
+        loss_inputs: BD3LossInputs | None = None,
+    ) -> Tensor:
+        """Two-stream training forward.
+
+        Args:
+            x_t: [b, L] noisy tokens (read on the first pipeline stage only).
+            x_0: [b, L] clean tokens (first stage: second stream; last stage: default labels).
+            loss_inputs: masks and weights for the NELBO (last stage).
+
+        Returns:
+            last stage with loss_inputs: [b, L] per-token NELBO terms (0 where not masked),
+                whose sum over the batch divided by the number of counted tokens is the loss;
+            last stage without loss_inputs: [b, L, V_pad/TP] vocab-parallel x_t-half logits;
+            other stages: hidden states [2L(/TP under sequence parallel), b, h].
+        """
+        hidden_states = self._run_decoder(x_t, x_0)
+        if not self.post_process:
+            return hidden_states
+        logits = self._x_t_logits(hidden_states, self.config.seq_length)  # [L, b, V/tp]
+        if loss_inputs is None:
+            return logits.transpose(0, 1).contiguous()  # [b, L, V/tp]
+        labels = loss_inputs.labels if loss_inputs.labels is not None else x_0
+        if labels is None:
+            raise ValueError("the last pipeline stage needs x_0 (or loss_inputs.labels)")
+        token_nll = self._subs_token_nll(logits, labels)  # [b, L]
+        nelbo = nelbo_from_token_nll(
+            token_nll,
+            loss_inputs.masked,
+            loss_weight=loss_inputs.loss_weight,
+            block_size=self.config.block_size,
+            loss_mask=loss_inputs.loss_mask,
+        )
+        return nelbo.token_loss
+
+    def forward_logits(self, x_t: Tensor, x_0: Tensor) -> Tensor:
+        """x_t-half logits gathered over TP: [b, L, vocab_size] (padding cut off). Needs the
+        whole model on this rank (no pipeline split)."""
+        self._require_single_stage("forward_logits")
+        logits = self.forward(x_t, x_0)  # [b, L, V/tp]
+        return self._gather_vocab(logits)
+
+    def forward_hidden(self, x_t: Tensor, x_0: Tensor) -> Tensor:
+        """Final-norm hidden states of both streams, [2L, b, h] (gathered under sequence
+        parallel): rows [0, L) are the x_t half, [L, 2L) the x_0 half. For tests and analysis."""
+        self._require_single_stage("forward_hidden")
+        hidden_states = self._run_decoder(x_t, x_0)
+        return self._gather_sequence(hidden_states)
+
+    # -- inference forward -----------------------------------------------------------------------
+
+    def forward_inference(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor,
+        positions: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        """One stream of n tokens under an explicit mask: logits [b, n, vocab_size] (gathered).
+
+        Used for evaluation and sampling. Without a cache this is prefix recomputation: the
+        window [clean prefix ; noisy block] under megatron_bd3.diffusion.sampling_mask gives the
+        training logits of that block. With a KVCache the n tokens attend to the cached tokens
+        plus themselves: run each finished clean block once with `kv_cache.store = True`, then
+        the denoising calls of the next block with `store = False` (method doc §3.3).
+
+        Args:
+            tokens: [b, n] token ids.
+            attention_mask: bool, True = may attend: [n, n], or [n, cached + n] with a cache
+                (or broadcastable to [b, heads, ...]).
+            positions: [n] or [b, n] RoPE positions; default cached .. cached + n - 1.
+            kv_cache: optional KVCache, read and (if kv_cache.store) extended in place.
+        """
+        self._require_single_stage("forward_inference")
+        b, n = tokens.shape
+        tp = self.config.tensor_model_parallel_size
+        if self.config.sequence_parallel and n % tp:
+            raise ValueError(
+                f"forward_inference with sequence_parallel needs n = {n} tokens to be a multiple "
+                f"of tensor_model_parallel_size {tp}"
+            )
+        if attention_mask.dtype != torch.bool:
+            raise TypeError(
+                f"attention_mask must be bool (True = may attend), got {attention_mask.dtype}"
+            )
+        cached = kv_cache.length if kv_cache is not None else 0
+        if attention_mask.size(-1) != cached + n:
+            raise ValueError(
+                f"attention_mask has {attention_mask.size(-1)} key columns; expected "
+                f"{cached} cached + {n} new = {cached + n}"
+            )
+        if positions is None:
+            positions = torch.arange(cached, cached + n, device=tokens.device)
+        attentions = [m for m in self.modules() if isinstance(m, BD3CoreAttention)]
+        for attention in attentions:
+            attention.kv_cache = kv_cache
+        try:
+            hidden_states = self.embedding(input_ids=tokens, position_ids=None)  # [n(/tp), b, h]
+            hidden_states = self.decoder(
+                hidden_states=hidden_states,
+                attention_mask=attention_mask,
+                rotary_pos_emb=self._rotary_for_positions(positions, n),
+            )
+        finally:
+            for attention in attentions:
+                attention.kv_cache = None
+        logits = self._x_t_logits(hidden_states, n)  # [n, b, V/tp]
+        return self._gather_vocab(logits.transpose(0, 1))
+
+    # -- pieces ----------------------------------------------------------------------------------
+
+    def _run_decoder(self, x_t: Tensor | None, x_0: Tensor | None) -> Tensor:
+        L = self.config.seq_length
+        decoder_input = None
+        if self.pre_process:
+            for name, tokens in (("x_t", x_t), ("x_0", x_0)):
+                if tokens is None or tokens.dim() != 2 or tokens.size(1) != L:
+                    shape = None if tokens is None else tuple(tokens.shape)
+                    raise ValueError(
+                        f"{name} must be [batch, seq_length={L}] token ids, got {shape}"
+                    )
+            two_stream = torch.cat([x_t, x_0], dim=1)  # [b, 2L]
+            decoder_input = self.embedding(input_ids=two_stream, position_ids=None)  # [2L, b, h]
+        device = self._device()
+        return self.decoder(
+            hidden_states=decoder_input,
+            attention_mask=self._training_attention_mask(device),
+            rotary_pos_emb=self._two_stream_rotary(device),
+        )
+
+    def _training_attention_mask(self, device: torch.device):
+        kernel = self.config.resolved_attention_kernel
+        if kernel == "flex" and self.config.recompute_granularity is not None:
+            # megatron's checkpoint function can only save tensors; BD3CoreAttention rebuilds the
+            # (cached) BlockMask itself when it receives None.
+            return None
+        return training_attention_mask(
+            self.config.seq_length, self.config.block_size, kernel, device
+        )
+
+    def _two_stream_rotary(self, device: torch.device) -> Tensor | None:
+        """RoPE angles for [x_t ; x_0]: positions [0..L-1, 0..L-1], [2L, 1, 1, d]."""
+        if self.rotary_pos_emb is None:
+            return None
+        table = self.rotary_pos_emb(self.config.seq_length).to(device)  # [L, 1, 1, d]
+        return torch.cat([table, table], dim=0)  # [2L, 1, 1, d]
+
+    def _rotary_for_positions(self, positions: Tensor, n: int) -> Tensor | None:
+        """RoPE angles for arbitrary positions: [n] -> [n, 1, 1, d], [b, n] -> [n, b, 1, d]."""
+        if self.rotary_pos_emb is None:
+            return None
+        if positions.size(-1) != n or positions.dim() not in (1, 2):
+            raise ValueError(f"positions must be [n] or [b, n] with n = {n}, got {positions.shape}")
+        if bool((positions < 0).any()):
+            raise ValueError("positions must be non-negative")
+        span = int(positions.max()) + 1
+        table = self.rotary_pos_emb(span).to(positions.device)  # [span, 1, 1, d]
+        if positions.dim() == 1:
+            return table[positions]  # [n, 1, 1, d]
+        return table[positions.transpose(0, 1), 0]  # [n, b, 1, d]
+
+    def _x_t_logits(self, hidden_states: Tensor, keep: int) -> Tensor:
+        """Output layer on the first `keep` sequence positions only: [keep, b, V/tp]."""
+        hidden_states = self._gather_sequence(hidden_states)[:keep]  # [keep, b, h]
+        weight = None
+        if self.share_embeddings_and_output_weights:
+            weight = self.shared_embedding_or_output_weight()
+        logits, _ = self.output_layer(hidden_states, weight=weight)
+        return logits
+
+    def _gather_sequence(self, hidden_states: Tensor) -> Tensor:
+        """[s/tp, b, h] -> [s, b, h] under sequence parallel (identity otherwise).
+
+        tensor_parallel_output_grad=False: whatever consumes the gathered tensor gives every TP
+        rank the same, complete gradient, so the backward is a split, not a reduce-scatter."""
+        if not self.config.sequence_parallel:
+            return hidden_states
+        return tensor_parallel.gather_from_sequence_parallel_region(
+            hidden_states, tensor_parallel_output_grad=False, group=self.tp_group
+        )
+
+    def _subs_token_nll(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """-log p_θ(x_0 | x_t) per token under SUBS zero-masking: [L, b, V/tp] -> [b, L].
+
+        Carry-over unmasking (log p = 0 where x_t is not [MASK]) is applied by the NELBO, which
+        keeps only masked positions."""
+        vocab_local = logits.size(-1)
+        vocab_start = parallel_state.get_tensor_model_parallel_rank() * vocab_local
+        vocab_ids = torch.arange(vocab_start, vocab_start + vocab_local, device=logits.device)
+        # Only the TP rank owning the [MASK] column (and padded columns) changes anything.
+        blocked = (vocab_ids == self.config.mask_token_id) | (vocab_ids >= self.vocab_size)
+        logits = logits.float().masked_fill(blocked, SUBS_NEG_INF)
+        nll = tensor_parallel.vocab_parallel_cross_entropy(
+            logits, labels.transpose(0, 1).contiguous()
+        )  # [L, b]
+        return nll.transpose(0, 1)  # [b, L]
+
+    def _gather_vocab(self, logits: Tensor) -> Tensor:
+        """[..., V/tp] vocab-parallel -> [..., vocab_size] full (padding cut off)."""
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(
+            logits.contiguous(), group=self.tp_group
+        )
+        return logits[..., : self.vocab_size]
+
+    def _require_single_stage(self, what: str) -> None:
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError(
+                f"{what} needs the whole model on this rank (pre_process and post_process); "
+                "under pipeline parallelism use forward() through megatron's schedule"
+            )
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def build_bd3_model(
+    config: BD3Config,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+    transformer_layer_spec: ModuleSpec | None = None,
+) -> BD3Model:
+    """megatron-style model provider: the BD3Model chunk for this rank's pipeline stage.
+
+    pre_process/post_process default to whether this rank (and `vp_stage`, under the
+    interleaved schedule) is the first/last pipeline stage. Call once per virtual stage:
+    `[build_bd3_model(cfg, vp_stage=i) for i in range(vpp)]`.
+    """
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(
+            ignore_virtual=False, vp_stage=vp_stage
+        )
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(
+            ignore_virtual=False, vp_stage=vp_stage
+        )
+    return BD3Model(
+        config,
+        transformer_layer_spec=transformer_layer_spec,
+        pre_process=pre_process,
+        post_process=post_process,
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,402 @@
+"""BD3Config: megatron-core's TransformerConfig plus the block-diffusion knobs, and named presets.
+
+One config object flows through every module (megatron's convention), so the BD3 knobs live in
+the same flat dataclass as the transformer ones instead of travelling as loose kwargs.
+
+Presets:
+    bd3_config(...)    BD3-LM with block size B (paper §1-§2)
+    ar_config(...)     B = 1 with full masking (fixed_t = 1): exactly the AR next-token NLL (§2.4)
+    mdlm_config(...)   B = L: one block, exactly MDLM
+    reference_architecture()  the overrides that make the network match the reference DiT
+                       backbone (pre-LN, LayerNorm eps 1e-5, GELU tanh, RoPE rotate-half base
+                       10000 over the whole head, untied embeddings, qkv/out without bias, MLP and
+                       output layer with bias; method doc §8.1)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_bd3.diffusion import ClipRange, get_noise_schedule
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_KERNELS = ("flex", "sdpa", "auto")
+POSITION_EMBEDDING_TYPES = ("rope", "none")
+_warned_cpu_flex = False  # the CPU-flex warning is logged once per process
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, the reference MLP activation.
+
+    A named module-level function (not a functools.partial) so configs pickle and print cleanly.
+    """
+    return F.gelu(x, approximate="tanh")
+
+
+@dataclass
+class BD3Config(TransformerConfig):
+    """TransformerConfig plus the block-diffusion knobs.
+
+    The attention kernel is called `attention_kernel`, not `attention_backend`: megatron-core's
+    TransformerConfig already has an `attention_backend` field (an AttnBackend enum that selects
+    Transformer Engine kernels and sets NVTE_* environment variables in LanguageModule), and
+    shadowing it with a string would silently disable that logic.
+    """
+
+    seq_length: int = 0
+    """L: tokens per training sequence. The model input is the two streams [x_t ; x_0] (2L)."""
+
+    block_size: int = 0
+    """B: tokens per diffusion block; seq_length must be a multiple of it."""
+
+    vocab_size: int = 0
+    """Real vocabulary size (including the [MASK] token). Padded for TP, see padded_vocab_size."""
+
+    mask_token_id: int = -1
+    """Id of the absorbing [MASK] token m."""
+
+    attention_kernel: Literal["flex", "sdpa", "auto"] = "auto"
+    """'flex': FlexAttention with the sparse BlockMask (compiled on GPU; forward only on CPU).
+    'sdpa': scaled_dot_product_attention with the dense bool mask built from the same predicate.
+    'auto': flex when CUDA is available and attention_dropout is 0, sdpa otherwise (logged)."""
+
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities. Megatron defaults to 0.1; BD3 to 0.0, because the
+    reference has none and FlexAttention cannot apply it."""
+
+    compile_flex: bool | None = None
+    """torch.compile flex_attention. None: compile on CUDA only (eager flex on CPU)."""
+
+    noise_schedule: str = "loglinear"
+    """Noise schedule name, resolved by megatron_bd3.diffusion.get_noise_schedule."""
+
+    clip_min: float = 1e-3
+    """β: lower end of the (clipped) time range t ~ U[β, ω]; (1e-3, 1) is the unclipped ELBO."""
+
+    clip_max: float = 1.0
+    """ω: upper end of the time range."""
+
+    fixed_t: float | None = None
+    """Use this t for every block instead of sampling it (1.0 = full masking, the AR preset)."""
+
+    ignore_bos: bool = False
+    """Position 0 is never masked and not counted in evaluation (reference bd3lm/mdlm configs)."""
+
+    share_embeddings_and_output_weights: bool = False
+    """Tie the input embedding and the output projection (the reference does not)."""
+
+    output_layer_bias: bool = False
+    """Bias on the output projection (the reference has one)."""
+
+    reference_bias_layout: bool = False
+    """qkv and attention-out projections without bias, MLP fc1/fc2 with bias (the reference).
+    Requires add_bias_linear=False and add_qkv_bias=False; the MLP biases come from the spec."""
+
+    embedding_dropout: float | None = None
+    """Dropout after the token embedding. None: hidden_dropout (megatron's behaviour); the
+    reference applies none."""
+
+    make_vocab_size_divisible_by: int = 128
+    """The embedding/output rows are padded to a multiple of this × TP size (megatron's rule)."""
+
+    position_embedding_type: Literal["rope", "none"] = "rope"
+    """RoPE over positions [0..L-1, 0..L-1] (both streams share positions), or none."""
+
+    rotary_base: int = 10000
+    """RoPE base."""
+
+    rotary_percent: float = 1.0
+    """Fraction of the head dim that is rotated (1.0 = whole head, the reference)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._validate_bd3()
+
+    # -- validation -------------------------------------------------------------------------------
+
+    def _validate_bd3(self) -> None:
+        if self.seq_length <= 0:
+            raise ValueError(f"BD3Config.seq_length must be positive, got {self.seq_length}")
+        if self.block_size <= 0:
+            raise ValueError(f"BD3Config.block_size must be positive, got {self.block_size}")
+        if self.seq_length % self.block_size != 0:
+            raise ValueError(
+                f"seq_length {self.seq_length} is not a multiple of block_size {self.block_size}"
+            )
+        if self.vocab_size <= 0:
+            raise ValueError(f"BD3Config.vocab_size must be positive, got {self.vocab_size}")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(
+                f"BD3Config.mask_token_id {self.mask_token_id} must be a token id in "
+                f"[0, vocab_size={self.vocab_size})"
+            )
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(
+                f"BD3Config.attention_kernel {self.attention_kernel!r} is not one of "
+                f"{ATTENTION_KERNELS}"
+            )
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"BD3Config.position_embedding_type {self.position_embedding_type!r} is not one "
+                f"of {POSITION_EMBEDDING_TYPES}"
+            )
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ValueError(
+                f"BD3Config.rotary_percent must be in (0, 1], got {self.rotary_percent}"
+            )
+        self._validate_noise_schedule()
+        if self.fixed_t is not None and not 0.0 < self.fixed_t <= 1.0:
+            raise ValueError(f"BD3Config.fixed_t must be in (0, 1], got {self.fixed_t}")
+        if self.make_vocab_size_divisible_by <= 0:
+            raise ValueError(
+                "BD3Config.make_vocab_size_divisible_by must be positive, got "
+                f"{self.make_vocab_size_divisible_by}"
+            )
+        if self.embedding_dropout is not None and not 0.0 <= self.embedding_dropout < 1.0:
+            raise ValueError(
+                f"BD3Config.embedding_dropout must be in [0, 1), got {self.embedding_dropout}"
+            )
+        if self.context_parallel_size != 1:
+            raise ValueError(
+                f"context_parallel_size {self.context_parallel_size} is not supported by the BD3 "
+                "core attention (the 2L mask is not split across CP ranks); use 1"
+            )
+        if self.sequence_parallel and (2 * self.seq_length) % self.tensor_model_parallel_size:
+            raise ValueError(
+                f"sequence_parallel splits the 2L = {2 * self.seq_length} two-stream tokens over "
+                f"tensor_model_parallel_size {self.tensor_model_parallel_size}; 2L must be a "
+                "multiple of it"
+            )
+        if self.softmax_type != "vanilla":
+            raise ValueError(
+                f"softmax_type {self.softmax_type!r} is not supported by the BD3 core attention; "
+                "use 'vanilla'"
+            )
+        if self.window_size is not None:
+            raise ValueError("window_size (sliding-window attention) is not supported by BD3")
+        if self.multi_latent_attention:
+            raise ValueError("multi_latent_attention is not supported by BD3")
+        if self.mtp_num_layers is not None:
+            raise ValueError("mtp_num_layers (multi-token prediction) is not supported by BD3")
+        if self.reference_bias_layout and (self.add_bias_linear or self.add_qkv_bias):
+            raise ValueError(
+                "reference_bias_layout=True puts biases on the MLP only; set add_bias_linear=False "
+                f"and add_qkv_bias=False (got add_bias_linear={self.add_bias_linear}, "
+                f"add_qkv_bias={self.add_qkv_bias})"
+            )
+        if (
+            self.share_embeddings_and_output_weights
+            and self.pipeline_model_parallel_size > 1
+            and not torch.cuda.is_available()
+        ):
+            raise ValueError(
+                "share_embeddings_and_output_weights with pipeline_model_parallel_size "
+                f"{self.pipeline_model_parallel_size} needs CUDA: megatron's LanguageModule syncs "
+                "the tied copy with `weight.data.cuda()`; untie the embeddings on CPU"
+            )
+        kernel = self.resolved_attention_kernel
+        if kernel == "flex" and self.attention_dropout > 0.0:
+            raise ValueError(
+                f"attention_kernel 'flex' has no attention dropout (attention_dropout="
+                f"{self.attention_dropout}); set attention_dropout=0.0 or use 'sdpa'"
+            )
+        global _warned_cpu_flex
+        if (
+            self.attention_kernel == "flex"
+            and not torch.cuda.is_available()
+            and not _warned_cpu_flex
+        ):
+            _warned_cpu_flex = True
+            logger.warning(
+                "attention_kernel='flex' without CUDA: FlexAttention on CPU is forward-only, so "
+                "training will raise; use 'sdpa' (or 'auto') to train on CPU"
+            )
+
+    def _validate_noise_schedule(self) -> None:
+        try:
+            get_noise_schedule(self.noise_schedule)
+        except ValueError as exc:
+            raise ValueError(f"BD3Config.noise_schedule: {exc}") from exc
+        try:
+            ClipRange(self.clip_min, self.clip_max)
+        except ValueError as exc:
+            raise ValueError(
+                f"BD3Config clip range (clip_min={self.clip_min}, clip_max={self.clip_max}): {exc}"
+            ) from exc
+
+    # -- derived quantities -----------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        """N_b = L / B."""
+        return self.seq_length // self.block_size
+
+    @property
+    def clip_range(self) -> ClipRange:
+        """The sampled-time range [clip_min, clip_max] as megatron_bd3.diffusion.ClipRange."""
+        return ClipRange(self.clip_min, self.clip_max)
+
+    @property
+    def stream_length(self) -> int:
+        """Tokens the transformer sees per sequence in training: 2L ([x_t ; x_0]).
+
+        Pass this as `seq_length` to megatron's forward_backward_func: pipeline stages exchange
+        hidden states of this length.
+        """
+        return 2 * self.seq_length
+
+    @property
+    def resolved_attention_kernel(self) -> str:
+        """'flex' or 'sdpa' ('auto': flex with CUDA and no attention dropout, else sdpa)."""
+        if self.attention_kernel == "auto":
+            use_flex = torch.cuda.is_available() and self.attention_dropout == 0.0
+            return "flex" if use_flex else "sdpa"
+        return self.attention_kernel
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding/output matrices: vocab_size rounded up to a multiple of
+        make_vocab_size_divisible_by × tensor_model_parallel_size (megatron's padding rule).
+        The padded rows never receive probability: their logits are masked to -1e6 in the loss
+        and cut off in forward_logits."""
+        multiple = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+
+# -- presets ----------------------------------------------------------------------------------------
+
+
+def reference_architecture(dropout: float = 0.1) -> dict[str, Any]:
+    """Overrides that make a BD3Config match the reference DiT backbone exactly (method §8.1).
+
+    The reference block is pre-LN with adaLN modulation; with time conditioning off the
+    modulation is constant, so it folds into LayerNorm weight/bias and the out-projection rows.
+    What remains is: LayerNorm (with bias after folding) eps 1e-5, qkv and attention-out without
+    bias, MLP 4d with biases and GELU(tanh), RoPE rotate-half base 10000 over the whole head,
+    softmax scale 1/sqrt(head_dim), untied embeddings, output layer with bias, dropout after the
+    attention-out and MLP (not on attention probabilities, not on the embedding).
+    """
+    return dict(
+        normalization="LayerNorm",
+        layernorm_epsilon=1e-5,
+        layernorm_zero_centered_gamma=False,
+        activation_func=gelu_tanh,
+        gated_linear_unit=False,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        reference_bias_layout=True,
+        output_layer_bias=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=10000,
+        rotary_percent=1.0,
+        rotary_interleaved=False,
+        apply_query_key_layer_scaling=False,
+        hidden_dropout=dropout,
+        attention_dropout=0.0,
+        embedding_dropout=0.0,
+    )
+
+
+def bd3_config(
+    *,
+    seq_length: int,
+    block_size: int,
+    vocab_size: int,
+    mask_token_id: int,
+    num_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    **overrides: Any,
+) -> BD3Config:
+    """A BD3-LM with block size B = block_size. Any BD3Config/TransformerConfig field can be
+    overridden, e.g. `**reference_architecture()`, parallel sizes, or the CPU-safe overrides of
+    megatron_bd3.parallel."""
+    return BD3Config(
+        seq_length=seq_length,
+        block_size=block_size,
+        vocab_size=vocab_size,
+        mask_token_id=mask_token_id,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        **overrides,
+    )
+
+
+def ar_config(
+    *,
+    seq_length: int,
+    vocab_size: int,
+    mask_token_id: int,
+    num_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    **overrides: Any,
+) -> BD3Config:
+    """B = 1 with full masking (fixed_t = 1, so every x_t token is [MASK]).
+
+    Each noisy token then sees only itself (a [MASK]) and the clean tokens before it, and its
+    loss weight is 1: the NELBO is exactly the AR next-token NLL (method §1.1, §2.4).
+    """
+    overrides.setdefault("fixed_t", 1.0)
+    return bd3_config(
+        seq_length=seq_length,
+        block_size=1,
+        vocab_size=vocab_size,
+        mask_token_id=mask_token_id,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        **overrides,
+    )
+
+
+def mdlm_config(
+    *,
+    seq_length: int,
+    vocab_size: int,
+    mask_token_id: int,
+    num_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    **overrides: Any,
+) -> BD3Config:
+    """B = L: a single block, so the noisy half attends bidirectionally to itself and to no clean
+    token — exactly MDLM (the clean half is computed but cannot influence the loss)."""
+    return bd3_config(
+        seq_length=seq_length,
+        block_size=seq_length,
+        vocab_size=vocab_size,
+        mask_token_id=mask_token_id,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        **overrides,
+    )
+
+
+def reference_owt_config(block_size: int, **overrides: Any) -> BD3Config:
+    """The released OWT BD3-LM architecture (12 layers, 768 wide, 12 heads, L = 1024, GPT-2
+    vocab + [MASK] = 50258, [MASK] = 50257), reference-exact."""
+    settings: dict[str, Any] = dict(
+        seq_length=1024,
+        block_size=block_size,
+        vocab_size=50258,
+        mask_token_id=50257,
+        num_layers=12,
+        hidden_size=768,
+        num_attention_heads=12,
+        ignore_bos=True,
+    )
+    settings.update(reference_architecture())
+    settings.update(overrides)
+    return BD3Config(**settings)

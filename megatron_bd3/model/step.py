@@ -1,0 +1,82 @@
+"""forward_step / loss_func for megatron-core's get_forward_backward_func(), shared by the
+trainer and the pipeline tests.
+
+Batch dict (one micro-batch, batch-first, identical on every TP/PP peer — the trainer draws the
+noise with megatron_bd3.diffusion.noise_batch before the step):
+    "x_0":         [b, L] long, clean tokens
+    "x_t":         [b, L] long, noisy tokens ([MASK] where masked)
+    "masked":      [b, L] bool, True where x_t is [MASK]
+    "loss_weight": [b, L] float, NELBO weight per token (1/t of its block)
+    "loss_mask":   [b, L] optional 0/1, tokens counted in the loss and its denominator
+                   (absent/None: every token counts)
+
+Schedule call: pass `seq_length=config.stream_length` (2L: stages exchange two-stream hidden
+states) and `micro_batch_size=b` to the forward_backward_func.
+
+Loss contract (megatron-core 0.16 schedules, `forward_step_calc_loss`): loss_func returns the
+3-tuple (loss_sum, num_tokens, {"lm loss": [loss_sum, num_tokens]}):
+    * calculate_per_token_loss=False (default): the schedule divides loss_sum by num_tokens and by
+      the number of micro-batches, i.e. per-micro-batch token-mean NELBO averaged over
+      micro-batches — the reference's normalisation (loss over all L tokens of the micro-batch,
+      then averaged over accumulation steps).
+    * calculate_per_token_loss=True: loss_sum is back-propagated as is; the caller divides the
+      gradients by the total token count (megatron's finalize_model_grads does).
+"lm loss" is this rank's [sum, count] (not reduced over data-parallel ranks): sum it over
+micro-batches and DP ranks and divide to get the token-weighted NELBO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from megatron_bd3.model.bd3_model import BD3LossInputs
+
+BATCH_KEYS = ("x_0", "x_t", "masked", "loss_weight", "loss_mask")
+
+
+def loss_func(
+    loss_mask: Tensor | None, output_tensor: Tensor
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Reduce the [b, L] per-token NELBO terms of one micro-batch.
+
+    Returns (loss_sum, num_tokens, {"lm loss": tensor([loss_sum, num_tokens])}); num_tokens is
+    the number of counted tokens (loss_mask.sum(), or b·L without a loss mask), the denominator
+    of the reference's per-token NELBO.
+    """
+    token_loss = output_tensor.float()
+    loss_sum = token_loss.sum()
+    if loss_mask is None:
+        num_tokens = torch.tensor(token_loss.numel(), dtype=torch.int, device=token_loss.device)
+    else:
+        num_tokens = loss_mask.sum().detach().to(torch.int)
+    report = torch.stack([loss_sum.detach().clone(), num_tokens.to(loss_sum.dtype)])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(
+    data_iterator: Iterator[dict[str, Any]] | None, model: torch.nn.Module
+) -> tuple[Tensor, partial]:
+    """One micro-batch through `model` (a BD3Model chunk, possibly wrapped).
+
+    Every stage consumes one batch from its iterator; middle stages may pass None as the
+    iterator (they need no data). Returns (output_tensor, partial(loss_func, loss_mask)).
+    """
+    batch = next(data_iterator) if data_iterator is not None else None
+    if batch is None:
+        return model(None, None, None), partial(loss_func, None)
+    missing = [key for key in BATCH_KEYS[:4] if key not in batch]
+    if missing:
+        raise KeyError(f"BD3 batch is missing {missing}; expected keys {BATCH_KEYS}")
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    loss_mask = batch.get("loss_mask")
+    loss_inputs = BD3LossInputs(
+        masked=batch["masked"], loss_weight=batch["loss_weight"], loss_mask=loss_mask
+    )
+    output_tensor = model(batch["x_t"], batch["x_0"], loss_inputs)
+    return output_tensor, partial(loss_func, loss_mask)

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Launch bd3-train with torchrun, on one node or many.
+#
+# Single node, 2 processes:
+#   launch/torchrun.sh configs/tiny_cpu.yaml training.train_iters=200
+# Multi-node (run the same command on every node; NODE_RANK differs):
+#   NNODES=2 NODE_RANK=0 NPROC_PER_NODE=8 MASTER_ADDR=node0.example MASTER_PORT=29500 \
+#       launch/torchrun.sh configs/owt_bd3_b4.yaml
+# Environment (all optional):
+#   NPROC_PER_NODE  processes per node (default: number of GPUs, or 2 without GPUs)
+#   NNODES          number of nodes (default 1)
+#   NODE_RANK       this node's index, 0..NNODES-1 (default 0)
+#   MASTER_ADDR     rendezvous host (default 127.0.0.1); MASTER_PORT (default 29500)
+#   RDZV_ENDPOINT   overrides MASTER_ADDR:MASTER_PORT (host:port, c10d rendezvous)
+#   RDZV_ID         rendezvous job id for multi-node (default bd3)
+#   PYTHON          interpreter (default: .venv/bin/python if present, else python3)
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+    echo "usage: $0 CONFIG.yaml [section.key=value ...] [--resume auto|none|DIR]" >&2
+    exit 2
+fi
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "${repo_root}/.venv/bin/python" ]]; then
+        PYTHON="${repo_root}/.venv/bin/python"
+    else
+        PYTHON=python3
+    fi
+fi
+
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+    gpus="$("${PYTHON}" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+    if [[ "${gpus}" -gt 0 ]]; then NPROC_PER_NODE="${gpus}"; else NPROC_PER_NODE=2; fi
+fi
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+RDZV_ENDPOINT="${RDZV_ENDPOINT:-${MASTER_ADDR}:${MASTER_PORT}}"
+
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+fi
+export WANDB_MODE="${WANDB_MODE:-offline}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+if [[ "${NNODES}" -eq 1 ]]; then
+    rdzv_args=(--standalone)
+else
+    rdzv_args=(--rdzv-backend=c10d --rdzv-endpoint="${RDZV_ENDPOINT}" --rdzv-id="${RDZV_ID:-bd3}"
+               --node-rank="${NODE_RANK}")
+fi
+
+cd "${repo_root}"
+exec "${PYTHON}" -m torch.distributed.run \
+    --nnodes="${NNODES}" \
+    --nproc-per-node="${NPROC_PER_NODE}" \
+    "${rdzv_args[@]}" \
+    -m tools.train "$@"

@@ -1,0 +1,63 @@
+"""Turn loader micro-batches into model batches: the forward process applied by the trainer.
+
+The noise is keyed by (seed, step, global_batch_position): a sample gets the same t and the
+same masks whatever the data-parallel size, micro-batch size or TP/PP layout, and every TP/PP
+peer of a data-parallel rank computes identical x_t (megatron_bd3.diffusion.noise_batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_bd3.diffusion import ClipRange, noise_batch
+
+
+@dataclass(frozen=True)
+class NoiseSettings:
+    """Everything besides the data that decides x_t (fixed for a run, except the clip range)."""
+
+    block_size: int
+    mask_token_id: int
+    schedule: str
+    ignore_bos: bool
+    resample: bool
+    antithetic: bool
+    fixed_t: float | None
+
+
+def make_batch(
+    loader_batch: dict[str, torch.Tensor],
+    *,
+    settings: NoiseSettings,
+    clip_range: ClipRange,
+    seed: int,
+    step: int,
+    global_batch_size: int,
+    resample: bool | None = None,
+) -> dict[str, Any]:
+    """{"tokens" [b, L], "global_batch_position" [b], ...} -> the model's batch dict."""
+    x_0 = loader_batch["tokens"].long()  # [b, L]
+    noised = noise_batch(
+        x_0,
+        loader_batch["global_batch_position"],
+        global_batch_size,
+        seed,
+        step,
+        settings.block_size,
+        settings.mask_token_id,
+        schedule=settings.schedule,
+        clip_range=clip_range,
+        ignore_bos=settings.ignore_bos,
+        resample=settings.resample if resample is None else resample,
+        antithetic=settings.antithetic,
+        fixed_t=settings.fixed_t,
+    )
+    return {
+        "x_0": x_0,
+        "x_t": noised.x_t,
+        "masked": noised.masked,
+        "loss_weight": noised.loss_weight,
+    }

@@ -1,0 +1,129 @@
+"""Exponential moving average of the weights, sharded exactly like the model.
+
+Paper §4.3 / the reference `ExponentialMovingAverage` (MDLM and BD3-LM repos): after every optimizer
+step the update counter n is incremented first, then
+
+    decay_n = min(decay, (1 + n) / (10 + n))            (n = 1 on the first update)
+    shadow <- shadow - (1 - decay_n) * (shadow - param)
+
+with decay = 0.9999 and the shadow initialised to a copy of the initial weights. The warm-up rule
+makes early averages follow the weights closely (decay_1 = 2/11).
+
+Each rank keeps the shadow of the parameters it holds: its TP shard of its PP stage's layers (and,
+under ZeRO-3, only its ZeRO partition, `param.ds_tensor`). Shadows are fp32 whatever the parameter
+dtype. `swap_in()` puts the averages into the model for validation/export and restores the
+training weights on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+
+
+def _storage(param: torch.nn.Parameter) -> torch.Tensor:
+    """The tensor that holds this rank's values: the ZeRO-3 partition when there is one."""
+    ds_tensor = getattr(param, "ds_tensor", None)
+    return ds_tensor if ds_tensor is not None else param.data
+
+
+@torch.no_grad()
+def _refresh_gathered_zero3(params) -> None:
+    """Re-assemble the full value of ZeRO-3 parameters that are currently gathered.
+
+    ZeRO-3 "persistent" parameters (below stage3_param_persistence_threshold) stay gathered
+    between steps and forward reads `param.data` without re-gathering; after their partition
+    (`ds_tensor`) changed -- EMA swapped in or out -- the full tensor is rebuilt from the
+    partitions of the parameter's data-parallel group.
+    """
+    import torch.distributed as dist
+
+    for p in params:
+        ds_tensor = getattr(p, "ds_tensor", None)
+        if ds_tensor is None or p.data.numel() != getattr(p, "ds_numel", -1):
+            continue  # not ZeRO-3, or released: the next forward gathers from ds_tensor
+        group = getattr(p, "ds_process_group", None)
+        world = dist.get_world_size(group)
+        parts = [torch.empty_like(ds_tensor) for _ in range(world)]
+        dist.all_gather(parts, ds_tensor.contiguous(), group=group)
+        full = torch.cat([t.reshape(-1) for t in parts])[: p.ds_numel]
+        p.data.copy_(full.view(p.data.shape).to(p.data.dtype))
+
+
+def warmup_decay(decay: float, num_updates: int) -> float:
+    """The reference's decay for update number `num_updates` (1-based)."""
+    return min(decay, (1.0 + num_updates) / (10.0 + num_updates))
+
+
+class ExponentialMovingAverage:
+    """EMA of named parameters. `params` are (name, parameter) pairs, e.g. `named_parameters()`."""
+
+    def __init__(self, params: Iterable[tuple[str, torch.nn.Parameter]], decay: float = 0.9999):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.num_updates = 0
+        self.params: dict[str, torch.nn.Parameter] = {
+            name: p for name, p in params if p.requires_grad
+        }
+        self.shadow: dict[str, torch.Tensor] = {
+            name: _storage(p).detach().to(torch.float32).clone() for name, p in self.params.items()
+        }
+
+    @torch.no_grad()
+    def update(self) -> float:
+        """One EMA step after an optimizer step; returns the decay that was used."""
+        self.num_updates += 1
+        decay = warmup_decay(self.decay, self.num_updates)
+        one_minus = 1.0 - decay
+        for name, p in self.params.items():
+            shadow = self.shadow[name]
+            shadow.sub_(one_minus * (shadow - _storage(p).to(torch.float32)))
+        return decay
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """Overwrite the model weights with the averages (for export; not reversible)."""
+        for name, p in self.params.items():
+            _storage(p).copy_(self.shadow[name].to(_storage(p).dtype))
+        _refresh_gathered_zero3(self.params.values())
+
+    @contextlib.contextmanager
+    def swap_in(self) -> Iterator[None]:
+        """Run the model with EMA weights inside the block; training weights come back after."""
+        backup = {name: _storage(p).detach().clone() for name, p in self.params.items()}
+        self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    _storage(p).copy_(backup[name])
+                _refresh_gathered_zero3(self.params.values())
+
+    def state_dict(self) -> dict:
+        return {
+            "decay": self.decay,
+            "num_updates": self.num_updates,
+            "shadow": {name: t.clone() for name, t in self.shadow.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) - set(state["shadow"])
+        unexpected = set(state["shadow"]) - set(self.shadow)
+        if missing or unexpected:
+            raise ValueError(
+                f"EMA state does not match the model: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+        for name, tensor in state["shadow"].items():
+            if tensor.shape != self.shadow[name].shape:
+                raise ValueError(
+                    f"EMA shadow {name}: shape {tuple(tensor.shape)} in the checkpoint, "
+                    f"{tuple(self.shadow[name].shape)} in the model"
+                )
+            self.shadow[name].copy_(tensor)
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])

@@ -1,0 +1,117 @@
+"""Model FLOPs per training step and the peak FLOP/s that MFU divides by.
+
+Counting (matmul FLOPs, 2 per multiply-add; training = 3x forward: backward is twice the
+forward; activation recompute is *not* counted, as in the usual MFU definition):
+
+    per layer, forward, for a stream of T tokens per sequence:
+        QKV projection    2 T h (h + 2 d_kv)            d_kv = query groups x head dim
+        scores  QK^T      2 T^2 h  x rho                 rho = density of the attention mask
+        weighted sum AV   2 T^2 h  x rho
+        output proj       2 T h^2
+        MLP               2 T h f x 2                    f = ffn hidden size
+    logits                2 L_out h V                    only the positions that get logits
+
+BD3 trains on the two-stream input [x_t ; x_0]: T = 2L, L_out = L (only x_t gets logits), and
+the 2L x 2L block-diffusion mask has density
+
+    rho = (L B + L^2) / (2L)^2 = 1/4 + B / (4L)
+
+(L B entries on the noisy block diagonal, B^2 N(N-1)/2 noisy->earlier clean, B^2 N(N+1)/2
+clean->clean; N = L / B). So the attention term is charged only for the entries the sparse
+(FlexAttention) kernel computes. MDLM (full bidirectional, T = L): rho = 1; AR (causal, T = L):
+rho = (L + 1) / (2L).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def attention_density(preset: str, seq_length: int, block_size: int | None) -> float:
+    if preset == "bd3":
+        assert block_size is not None
+        return 0.25 + block_size / (4.0 * seq_length)
+    if preset == "mdlm":
+        return 1.0
+    if preset == "ar":
+        return (seq_length + 1) / (2.0 * seq_length)
+    raise ValueError(f"unknown preset {preset!r}")
+
+
+def stream_length(preset: str, seq_length: int) -> int:
+    return 2 * seq_length if preset == "bd3" else seq_length
+
+
+def forward_flops_per_sequence(
+    *,
+    preset: str,
+    num_layers: int,
+    hidden_size: int,
+    ffn_hidden_size: int,
+    num_attention_heads: int,
+    num_query_groups: int | None,
+    seq_length: int,
+    block_size: int | None,
+    vocab_size: int,
+) -> float:
+    """Forward matmul FLOPs of one sequence (see the module docstring)."""
+    h, f, v = hidden_size, ffn_hidden_size, vocab_size
+    head_dim = h // num_attention_heads
+    d_kv = (num_query_groups or num_attention_heads) * head_dim
+    t = stream_length(preset, seq_length)
+    rho = attention_density(preset, seq_length, block_size)
+    per_layer = (
+        2 * t * h * (h + 2 * d_kv) + 2 * 2 * t * t * h * rho + 2 * t * h * h + 2 * 2 * t * h * f
+    )
+    logits = 2 * seq_length * h * v
+    return float(num_layers * per_layer + logits)
+
+
+def training_flops_per_sequence(**kwargs) -> float:
+    return 3.0 * forward_flops_per_sequence(**kwargs)
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) of common accelerators, by a substring of the name.
+GPU_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; the PCIe card is 756e12 -- set logging.peak_flops_per_device
+    "A100": 312e12,
+    "A6000": 155e12,
+    "A5000": 111e12,
+    "L40S": 362e12,
+    "4090": 165e12,
+    "3090": 71e12,
+}
+
+
+def measure_cpu_matmul_flops(size: int = 512, seconds: float = 0.3) -> float:
+    """Achieved fp32 matmul FLOP/s of this process with its current torch thread count.
+
+    The CPU "peak" used for MFU: a documented, measured stand-in, since a CPU's nominal peak
+    (cores x frequency x SIMD width) is rarely reachable by torch.
+    """
+    generator = torch.Generator().manual_seed(0)  # never touch the training RNG streams
+    a = torch.randn(size, size, generator=generator)
+    b = torch.randn(size, size, generator=generator)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        a @ b
+        count += 1
+    return 2.0 * size**3 * count / elapsed
+
+
+def default_peak_flops(device_type: str, precision: str) -> tuple[float, str]:
+    """(peak FLOP/s per device, how it was obtained)."""
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                if precision != "bf16":
+                    return peak / 2, f"{name}: half its bf16 table peak (fp32/tf32)"
+                return peak, f"{name}: bf16 table peak"
+        return 100e12, f"{name}: unknown GPU, assumed 100 TFLOP/s"
+    return measure_cpu_matmul_flops(), "CPU: measured fp32 512x512 matmul throughput"

@@ -1,0 +1,225 @@
+"""Which optimizer runs a job, refused up front when the combination cannot work.
+
+Two backends:
+- `deepspeed` (CPU and GPU): ZeRO stage 0/1/2/3 and CPU optimizer offload from a DeepSpeed JSON
+  (configs/deepspeed/*.json), AdamW with the YAML's hyper-parameters, explicit clipping.
+- `megatron` (GPU only): megatron-core's DistributedOptimizer over megatron DDP chunks.
+
+`check_combination` is a pure function of the run config, the DeepSpeed JSON and the machine, so
+every refusal is tested without starting processes. Each message says what would work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_bd3.training.config import ConfigError, RunConfig
+from megatron_bd3.training.deepspeed_engine import (
+    offloads_optimizer,
+    offloads_params,
+    zero_stage,
+)
+
+SHIPPED_JSON = "configs/deepspeed/zero{0,1,2,3}.json, zero2_offload.json, zero3_offload.json"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the run executes on (filled from torch at start-up, or by tests)."""
+
+    device_type: str  # "cpu" | "cuda"
+    bf16_supported: bool
+
+
+def detect_machine() -> Machine:
+    if torch.cuda.is_available():
+        return Machine("cuda", torch.cuda.is_bf16_supported())
+    try:
+        a = torch.ones(4, 4, dtype=torch.bfloat16)
+        _ = (a @ a).sum().item()
+        bf16 = True
+    except (RuntimeError, TypeError):
+        bf16 = False
+    return Machine("cpu", bf16)
+
+
+def resolve_device(config: RunConfig, machine: Machine) -> str:
+    wanted = config.training.device
+    if wanted == "auto":
+        return machine.device_type
+    if wanted == "cuda" and machine.device_type != "cuda":
+        raise ConfigError(
+            "training.device=cuda but no CUDA device is available; use training.device=auto or cpu"
+        )
+    return wanted
+
+
+def resolve_precision(config: RunConfig, machine: Machine) -> str:
+    """'bf16' or 'fp32'. auto: bf16 on GPU (paper: bf16 mixed), fp32 on CPU."""
+    device = resolve_device(config, machine)
+    precision = config.training.precision
+    if precision == "auto":
+        return "bf16" if device == "cuda" and machine.bf16_supported else "fp32"
+    if precision == "bf16" and not machine.bf16_supported:
+        raise ConfigError(
+            f"training.precision=bf16 is not supported on this {device} (bf16 matmul failed); "
+            f"use training.precision=fp32 (or auto)"
+        )
+    return precision
+
+
+def resolve_torch_adam(config: RunConfig, machine: Machine) -> bool:
+    """torch.optim.AdamW inside DeepSpeed: default on CPU (no JIT build), fused Adam on GPU."""
+    if config.optimizer.torch_adam is not None:
+        return config.optimizer.torch_adam
+    return resolve_device(config, machine) == "cpu"
+
+
+def check_combination(
+    config: RunConfig,
+    machine: Machine,
+    ds_json: dict[str, Any] | None,
+    world_size: int | None = None,
+) -> None:
+    """Refuse every combination that cannot work, naming what would work instead."""
+    device = resolve_device(config, machine)
+    resolve_precision(config, machine)
+    o, p = config.optimizer, config.parallel
+    pp = p.pipeline_model_parallel_size
+    ds_name = config.deepspeed.config
+
+    if world_size is not None:
+        model_parallel = p.tensor_model_parallel_size * pp
+        if world_size % model_parallel != 0:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by TP x PP = "
+                f"{p.tensor_model_parallel_size} x {pp} = {model_parallel}; launch a multiple of "
+                f"{model_parallel} processes or change parallel.*"
+            )
+        dp = world_size // model_parallel
+        t = config.training
+        if t.global_batch_size % (t.micro_batch_size * dp) != 0:
+            raise ConfigError(
+                f"training.global_batch_size {t.global_batch_size} is not a multiple of "
+                f"training.micro_batch_size {t.micro_batch_size} x data-parallel size {dp} = "
+                f"{t.micro_batch_size * dp}"
+            )
+
+    if o.backend == "megatron":
+        if device != "cuda":
+            raise ConfigError(
+                "optimizer.backend=megatron needs CUDA (megatron-core's optimizer hard-codes "
+                "device='cuda' and torch.cuda tensor types); on CPU use "
+                f"optimizer.backend=deepspeed with one of {SHIPPED_JSON}"
+            )
+        if o.cpu_offload:
+            raise ConfigError(
+                "optimizer.cpu_offload needs optimizer.backend=deepspeed "
+                "(deepspeed.config=configs/deepspeed/zero2_offload.json)"
+            )
+        if ds_json is not None:
+            raise ConfigError(
+                "deepspeed.config is only used with optimizer.backend=deepspeed; set "
+                "deepspeed.config=null with optimizer.backend=megatron"
+            )
+        return
+
+    # ---- deepspeed backend
+    if ds_json is None:
+        raise ConfigError(
+            f"optimizer.backend=deepspeed needs deepspeed.config (one of {SHIPPED_JSON})"
+        )
+    stage = zero_stage(ds_json)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{ds_name}: zero_optimization.stage must be 0-3, got {stage}")
+    offload = offloads_optimizer(ds_json)
+    if pp > 1 and stage >= 2:
+        raise ConfigError(
+            f"{ds_name}: ZeRO stage {stage} with parallel.pipeline_model_parallel_size {pp} "
+            f"cannot work (megatron's pipeline schedule runs the backward passes itself: "
+            f"ZeRO-2's gradient hooks reduce twice and ZeRO-3 deadlocks); use "
+            f"configs/deepspeed/zero1.json (or zero0.json) with PP > 1, or PP = 1 with ZeRO-2/3"
+        )
+    if offload and stage == 0:
+        raise ConfigError(
+            f"{ds_name}: offload_optimizer needs ZeRO stage 1, 2 or 3; use "
+            f"configs/deepspeed/zero2_offload.json"
+        )
+    if offload and pp > 1:
+        raise ConfigError(
+            f"{ds_name}: CPU optimizer offload is supported with PP = 1 only (got "
+            f"parallel.pipeline_model_parallel_size {pp}); use configs/deepspeed/zero1.json"
+        )
+    if offloads_params(ds_json) and stage != 3:
+        raise ConfigError(
+            f"{ds_name}: offload_param needs ZeRO stage 3; use configs/deepspeed/zero3_offload.json"
+        )
+    if o.cpu_offload is True and not offload:
+        raise ConfigError(
+            f"optimizer.cpu_offload=true but {ds_name} has no zero_optimization.offload_optimizer; "
+            f"use deepspeed.config=configs/deepspeed/zero2_offload.json (or zero3_offload.json)"
+        )
+    if o.cpu_offload is False and offload:
+        raise ConfigError(
+            f"optimizer.cpu_offload=false but {ds_name} offloads the optimizer; pick "
+            f"configs/deepspeed/zero2.json or drop optimizer.cpu_offload"
+        )
+    if p.sequence_parallel and stage >= 2:
+        raise ConfigError(
+            f"parallel.sequence_parallel with ZeRO stage {stage} cannot work: layer-norm "
+            f"gradients must be summed over tensor parallel before DeepSpeed partitions them; "
+            f"use configs/deepspeed/zero1.json with sequence parallel"
+        )
+    if offload and not resolve_torch_adam(config, machine) and device == "cpu":
+        raise ConfigError(
+            "CPU offload on a CPU-only machine needs optimizer.torch_adam=true (DeepSpeedCPUAdam "
+            "is a JIT build); leave optimizer.torch_adam unset"
+        )
+
+
+# --------------------------------------------------------------------------- grad finishing
+
+
+def finalize_model_parallel_grads(chunks: list[torch.nn.Module], model_config: Any) -> None:
+    """Reductions megatron's DDP would do besides data parallel, on plain `.grad` tensors.
+
+    - sequence parallel: parameters marked `sequence_parallel` (layer norms) see only their
+      sequence shard, so their gradients are summed over the TP group;
+    - pipeline parallel with tied input/output embeddings: the two copies' gradients are summed
+      over the embedding group (first and last stage).
+    Must run before DeepSpeed reduces over data parallel (ZeRO 0/1 paths).
+    """
+    from megatron.core import parallel_state
+
+    if getattr(model_config, "sequence_parallel", False):
+        group = parallel_state.get_tensor_model_parallel_group()
+        grads = [
+            p.grad
+            for chunk in chunks
+            for p in chunk.parameters()
+            if p.grad is not None and getattr(p, "sequence_parallel", False)
+        ]
+        if grads and dist.get_world_size(group) > 1:
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=group)
+            for g, synced in zip(
+                grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True
+            ):
+                g.copy_(synced)
+
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        group = parallel_state.get_embedding_group(check_initialized=False)
+        if group is None or dist.get_world_size(group) <= 1:
+            return
+        if dist.get_rank() not in dist.get_process_group_ranks(group):
+            return
+        module = chunks[0] if parallel_state.is_pipeline_first_stage() else chunks[-1]
+        if not getattr(module, "share_embeddings_and_output_weights", False):
+            return
+        weight = module.shared_embedding_or_output_weight()
+        if weight is not None and weight.grad is not None:
+            dist.all_reduce(weight.grad, group=group)

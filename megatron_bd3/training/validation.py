@@ -1,0 +1,156 @@
+"""Validation (NELBO perplexity, method §6.1) and the clip-range search (§2.4), with EMA weights.
+
+Per validation batch: one Monte-Carlo t per (sequence, block), stratified over the batch, on the
+ELBO interval (1e-3, 1), no resampling; per-token loss -(1/t) log p at masked positions. Position 0
+is excluded from masking and from the token count when ignore_bos. NLL = sum of losses / counted
+tokens over the whole set (token-weighted, summed over data-parallel ranks); PPL = exp(NLL).
+
+Clip search (unless the range is fixed): for the first `num_batches` validation batches, every
+candidate of `clip_search_grid()` is evaluated on the same batch with the same random numbers
+(common random numbers: only the clip range differs), with resampling as in training, and the
+per-(sequence, block) losses go to `ClipSearchAccumulator`. The ELBO candidate reuses the NELBO
+pass. The candidate with the least variance becomes the training clip range.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_bd3.diffusion import ClipRange, clip_search_grid
+from megatron_bd3.training.batches import NoiseSettings, make_batch
+from megatron_bd3.training.clip_search import ClipSearchAccumulator, select_clip_range
+from megatron_bd3.training.step import eval_step
+
+ELBO = ClipRange(1e-3, 1.0)
+
+
+def _eval_loss(count_mask: torch.Tensor, block_size: int, output_tensor: torch.Tensor):
+    """loss_func for validation: [sum, count] and the [b, N_b] block means of the token losses."""
+    token_loss = output_tensor.float()  # [b, L], 0 at unmasked positions
+    total = (token_loss * count_mask).sum()
+    count = count_mask.sum()
+    b, seq_len = token_loss.shape
+    block_loss = token_loss.reshape(b, seq_len // block_size, block_size).mean(dim=-1)
+    report = {
+        "sum_count": torch.stack([total.detach(), count.detach()]),
+        "block_loss": block_loss.detach(),
+    }
+    return total, count.to(torch.int), report
+
+
+def _eval_forward_step(ignore_bos: bool, block_size: int, data_iterator, model):
+    from megatron_bd3.model import BD3LossInputs
+
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    loss_inputs = BD3LossInputs(masked=batch["masked"], loss_weight=batch["loss_weight"])
+    output = model(batch["x_t"], batch["x_0"], loss_inputs)
+    count_mask = torch.ones_like(batch["x_0"], dtype=torch.float32)
+    if ignore_bos:
+        count_mask[:, 0] = 0.0  # §6.1: position 0 dropped from the token count
+    return output, partial(_eval_loss, count_mask, block_size)
+
+
+def _reports(models, microbatches, *, ignore_bos, block_size, stream_length, micro_batch_size):
+    return eval_step(
+        models,
+        partial(_eval_forward_step, ignore_bos, block_size),
+        microbatches,
+        seq_length=stream_length,
+        micro_batch_size=micro_batch_size,
+    )
+
+
+def run_validation(
+    *,
+    models: list,
+    loader,
+    settings: NoiseSettings,
+    seed: int,
+    num_batches: int | None,
+    stream_length: int,
+    clip_search: bool,
+    clip_widths: list[float],
+    clip_delta: float,
+    clip_num_batches: int,
+    contributes: bool,
+) -> dict[str, Any]:
+    """One validation pass. Returns {"nll", "ppl", "tokens", "batches"} and, with the clip search,
+    {"clip_range": ClipRange, "clip_variances": {(beta, omega): var}}.
+
+    `contributes` is True on ranks whose reports count (last pipeline stage, TP rank 0); sums
+    are all-reduced over the world so every rank returns the same numbers.
+    """
+    loader.reset(epoch=0)  # the same (seed-shuffled) batches at every validation
+    total = torch.zeros(2, dtype=torch.float64)
+    candidates = clip_search_grid(tuple(clip_widths), clip_delta) if clip_search else []
+    accumulator = ClipSearchAccumulator(candidates) if clip_search else None
+    batches = 0
+    global_batch = loader.global_batch_size
+    per_batch = loader.layout.num_microbatches  # micro-batches of one global batch per rank
+    iterator = iter(loader)
+
+    def noised(group, index, clip_range, resample=None):
+        return [
+            make_batch(mb, settings=settings, clip_range=clip_range, seed=seed, step=index,
+                       global_batch_size=global_batch, resample=resample)
+            for mb in group
+        ]
+
+    def block_losses(reports):
+        return torch.cat([r["block_loss"] for r in reports]) if reports else None
+
+    index = 0
+    while num_batches is None or index < num_batches:
+        group = []
+        for _ in range(per_batch):
+            try:
+                group.append(next(iterator))
+            except StopIteration:
+                break
+        if len(group) < per_batch:
+            break
+        common = dict(
+            ignore_bos=settings.ignore_bos,
+            block_size=settings.block_size,
+            stream_length=stream_length,
+            micro_batch_size=group[0]["tokens"].shape[0],
+        )
+        reports = _reports(models, noised(group, index, ELBO, resample=False), **common)
+        if contributes:
+            for report in reports:
+                total += report["sum_count"].double().cpu()
+        if accumulator is not None and index < clip_num_batches:
+            for c, candidate in enumerate(candidates):
+                if c == 0 and candidate == ELBO:
+                    block = block_losses(reports)
+                else:
+                    block = block_losses(
+                        _reports(models, noised(group, index, candidate), **common)
+                    )
+                accumulator.add(c, block if contributes and block is not None else torch.empty(0))
+        batches += 1
+        index += 1
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    nll = float(total[0] / total[1]) if total[1] > 0 else math.nan
+    out: dict[str, Any] = {
+        "nll": nll,
+        "ppl": math.exp(nll) if math.isfinite(nll) else math.nan,
+        "tokens": int(total[1]),
+        "batches": batches,
+    }
+    if accumulator is not None and accumulator.num_batches:
+        group = dist.group.WORLD if dist.is_initialized() else None
+        variances = accumulator.variances(group=group)
+        out["clip_range"] = select_clip_range(candidates, variances)
+        out["clip_variances"] = {
+            (c.eps_min, c.eps_max): v for c, v in zip(candidates, variances, strict=True)
+        }
+    return out

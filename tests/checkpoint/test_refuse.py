@@ -1,0 +1,82 @@
+"""Torn, corrupted or mismatched checkpoints are refused with a clear message, nothing loaded."""
+
+import json
+import shutil
+
+import pytest
+
+from megatron_bd3.checkpoint import CheckpointError, load_model_weights, verify_checkpoint
+from megatron_bd3.checkpoint.manager import check_compatible, check_resumable
+from tests.checkpoint.conftest import TRAIN_ITERS, resume_config
+from tests.training.tiny_run import run_trainer, write_config
+
+
+def copy_checkpoint(trained_run, tmp_path):
+    _, _, run_dir = trained_run
+    source = run_dir / "ckpt" / f"step_{TRAIN_ITERS:08d}"
+    target = tmp_path / source.name
+    shutil.copytree(source, target)
+    return target
+
+
+def test_real_checkpoint_verifies_and_records_layout_and_model(trained_run, tmp_path):
+    ckpt = copy_checkpoint(trained_run, tmp_path)
+    marker = verify_checkpoint(ckpt)
+    assert marker["step"] == TRAIN_ITERS
+    assert marker["layout"]["dp"] == 2 and marker["layout"]["zero_stage"] == 2
+    assert marker["model"]["block_size"] == 4 and marker["model"]["seq_length"] == 32
+    assert marker["layout_independent"] and marker["has_ema"]
+    assert any(name.startswith("ds/") for name in marker["files"])
+    assert any(name.startswith("model/") for name in marker["files"])
+    assert "ranks/rank_00001.pt" in marker["files"]
+
+
+def test_torn_and_corrupted_checkpoints_are_refused(trained_run, tmp_path):
+    ckpt = copy_checkpoint(trained_run, tmp_path)
+    rank_file = ckpt / "ranks" / "rank_00000.pt"
+    data = bytearray(rank_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    rank_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch in ranks/rank_00000.pt"):
+        check_resumable(ckpt, {})
+    (ckpt / "complete.json").unlink()
+    with pytest.raises(CheckpointError, match="no complete.json: the checkpoint is incomplete"):
+        check_resumable(ckpt, {})
+
+
+def test_mismatched_model_or_layout_is_refused(trained_run, tmp_path):
+    ckpt = copy_checkpoint(trained_run, tmp_path)
+    marker = json.loads((ckpt / "complete.json").read_text())
+    record = {"model": dict(marker["model"]), "layout": dict(marker["layout"])}
+    check_compatible(marker, record, ckpt)  # identical: accepted
+
+    for key, value in (("vocab_size", 1024), ("seq_length", 64), ("block_size", 8)):
+        wrong = {"model": {**record["model"], key: value}, "layout": record["layout"]}
+        with pytest.raises(CheckpointError, match=f"{key}: checkpoint .* != run {value}"):
+            check_compatible(marker, wrong, ckpt)
+    wrong = {"model": record["model"], "layout": {**record["layout"], "dp": 1, "tp": 2}}
+    with pytest.raises(CheckpointError, match="checkpoint.init_from="):
+        check_compatible(marker, wrong, ckpt)
+
+    # weights-only loading checks the tensor shapes' config before touching any model
+    other = {"model": {**record["model"], "hidden_size": 64}}
+    with pytest.raises(CheckpointError, match="hidden_size: checkpoint 32 != run 64"):
+        load_model_weights(ckpt, [], record=other)
+
+
+@pytest.mark.distributed
+def test_trainer_refuses_to_resume_with_another_block_size(trained_run, tmp_path):
+    base, manifest, run_dir = trained_run
+    ckpt = run_dir / "ckpt" / f"step_{TRAIN_ITERS:08d}"
+    config = resume_config(
+        manifest,
+        tmp_path / "run",
+        model={"block_size": 8},
+        training={"train_iters": TRAIN_ITERS + 2},
+    )
+    path = write_config(tmp_path / "cfg.yaml", config)
+    with pytest.raises(AssertionError) as excinfo:
+        run_trainer(path, 2, "--resume", str(ckpt))
+    message = str(excinfo.value)
+    assert "model differs from this run" in message
+    assert "block_size: checkpoint 4 != run 8" in message

@@ -39,6 +39,7 @@ from megatron_bd3.checkpoint.atomic import (
     verify_distributed,
 )
 from megatron_bd3.checkpoint.rng import capture_rng_state, restore_rng_state
+from megatron_bd3.parallel import apply_cpu_compat
 
 logger = logging.getLogger(__name__)
 
@@ -86,49 +87,6 @@ def _full_parameters(chunks: list[torch.nn.Module], zero3: bool, modify: bool = 
         yield
 
 
-class _NoCudaSync:
-    """`torch` as dist_checkpointing's writer modules see it during a CPU save: the same module,
-    except `torch.cuda.synchronize()` (strategies/filesystem_async.py 230, after staging tensors
-    "from the GPU") is a no-op and `torch.cuda.current_device()` (strategies/state_dict_saver.py
-    252, the device of the all-reduced failure flag) is the CPU -- on a CPU-only torch both
-    raise. To be folded into megatron_bd3.parallel.apply_cpu_compat."""
-
-    class _Cuda:
-        def __getattr__(self, name: str):
-            return getattr(torch.cuda, name)
-
-        @staticmethod
-        def synchronize(device=None) -> None:
-            return None
-
-        @staticmethod
-        def current_device() -> torch.device:
-            return torch.device("cpu")
-
-    cuda = _Cuda()
-
-    def __getattr__(self, name: str):
-        return getattr(torch, name)
-
-
-@contextlib.contextmanager
-def _cpu_save_compat():
-    if torch.cuda.is_available():
-        yield
-        return
-    from megatron.core.dist_checkpointing.strategies import filesystem_async, state_dict_saver
-
-    modules = (filesystem_async, state_dict_saver)
-    originals = [module.torch for module in modules]
-    for module in modules:
-        module.torch = _NoCudaSync()
-    try:
-        yield
-    finally:
-        for module, original in zip(modules, originals, strict=True):
-            module.torch = original
-
-
 def _dist_save(sharded: dict[str, Any], directory: Path) -> None:
     from megatron.core import dist_checkpointing
 
@@ -136,8 +94,10 @@ def _dist_save(sharded: dict[str, Any], directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    with _cpu_save_compat():
-        dist_checkpointing.save(sharded, str(directory))
+    # On CPU the save path needs megatron_bd3.parallel's compatibility layer (two CUDA calls in
+    # dist_checkpointing's writers); it is normally active already, applying it is idempotent.
+    apply_cpu_compat()
+    dist_checkpointing.save(sharded, str(directory))
 
 
 def _stepper_kind(stepper) -> str:

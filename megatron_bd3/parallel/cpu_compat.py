@@ -16,9 +16,11 @@ The patches, each named after the megatron call that needs it (megatron/core/<fi
    utils.py 631 (GlobalMemoryBuffer, used by sequence parallel and DotProductAttention),
    models/common/embeddings/rotary_pos_embedding.py 162 (RoPE inv_freq),
    pipeline_parallel/p2p_communication.py 313/321 (receive buffers) and 190-202 (shape
-   exchange, only with variable_seq_lengths).
+   exchange, only with variable_seq_lengths),
+   dist_checkpointing/strategies/state_dict_saver.py 252 (the all-reduced save-failure flag).
 2. `torch.cuda.synchronize()` -> no-op in pipeline_parallel/p2p_communication.py 242/398
-   (there is no device stream to wait for; gloo ops are synchronous once waited on).
+   (there is no device stream to wait for; gloo ops are synchronous once waited on) and in
+   dist_checkpointing/strategies/filesystem_async.py 230 (after staging tensors for a save).
 3. `device="cuda"` literals -> CPU in `torch.zeros` of pipeline_parallel/schedules.py
    596/983/2138 (the token counter of every schedule, PP=1 included).
 4. The model-parallel RNG tracker (tensor_parallel/random.py): its "CUDA" generator becomes the
@@ -155,6 +157,16 @@ def _planned_views() -> dict[str, _TorchView]:
         # schedules.py 596/983/2138: torch.zeros([], dtype=torch.int, device="cuda")
         "megatron.core.pipeline_parallel.schedules": _TorchView(
             torch, "torch", zeros=_cuda_literal_to_cpu(torch.zeros)
+        ),
+        # dist_checkpointing/strategies/filesystem_async.py 230: torch.cuda.synchronize() after
+        # staging tensors "from the GPU" in every save
+        "megatron.core.dist_checkpointing.strategies.filesystem_async": _cuda_view(
+            synchronize=_no_synchronize
+        ),
+        # dist_checkpointing/strategies/state_dict_saver.py 252: the all-reduced save-failure
+        # flag is allocated on torch.cuda.current_device()
+        "megatron.core.dist_checkpointing.strategies.state_dict_saver": _cuda_view(
+            **current_device_only
         ),
         # random.py 235/237/238 (CudaRNGStatesTracker.add), 422 (model_parallel_cuda_manual_seed)
         "megatron.core.tensor_parallel.random": _cuda_view(

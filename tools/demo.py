@@ -58,12 +58,26 @@ def render_mask(seq_len: int, block_size: int) -> str:
     return "\n".join(lines)
 
 
+def _summarise_training(metrics_path: Path) -> None:
+    """Print the falling training loss and the validation perplexity from the run's metrics."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_ppl" in r]
+    if train:
+        first, last = train[0], train[-1]
+        print(f"  training loss: {first['loss']:.3f} (step {first['step']}) -> "
+              f"{last['loss']:.3f} (step {last['step']})")
+    for r in val:
+        print(f"  validation at step {r['step']}: NELBO {r['val_nll']:.3f} nats/token, "
+              f"perplexity <= {r['val_ppl']:.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/demo", help="where everything is written")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (CPU: gloo)")
     parser.add_argument("--train-iters", type=int, default=300, help="training steps")
-    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--vocab-size", type=int, default=512)
     parser.add_argument("--seq-length", type=int, default=64)
     args = parser.parse_args(argv)
 
@@ -91,6 +105,24 @@ def main(argv: list[str] | None = None) -> int:
 
     _banner("3. the block-diffusion attention mask")
     print(render_mask(6, 2))
+
+    _banner(f"4. train the tiny BD3 model on {args.nproc} CPU processes")
+    run_name = "tiny_cpu"
+    _run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+          "-m", "tools.train", "configs/tiny_cpu.yaml",
+          f"data.manifest={data_dir / 'manifest.json'}", f"data.tokenizer={tokenizer_dir}",
+          f"logging.output_dir={workdir}", f"logging.run_name={run_name}",
+          f"training.train_iters={args.train_iters}", "logging.tqdm=false"])
+    run_dir = workdir / run_name
+    _summarise_training(run_dir / "metrics.jsonl")
+
+    _banner("5. convert to the standalone format and sample")
+    standalone_dir = workdir / "standalone"
+    _run([py, "-m", "tools.convert", "--checkpoint", str(run_dir / "checkpoints"),
+          "--to", "standalone", "--output", str(standalone_dir)])
+    _run([py, "-m", "tools.sample", str(standalone_dir), "--num-samples", "2",
+          "--batch-size", "2", "--length", str(2 * args.seq_length), "--top-p", "0.9",
+          "--seed", "1", "--output", str(workdir / "samples.jsonl")])
 
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs in {workdir}")
     return 0

@@ -1,0 +1,13 @@
+"""The standalone tests use tiny models: one thread avoids OpenMP oversubscription on a shared
+2-core machine (a tiny matmul with 2 threads can be 100x slower under load). Restored after."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

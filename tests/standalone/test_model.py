@@ -1,0 +1,152 @@
+"""The standalone network: config I/O, strict loading, the two-stream training pass and the
+cached inference pass, each against a computation written here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_bd3.standalone import BD3Config, BD3Network, KVCache
+from tests.standalone.helpers import block_causal_mask, tiny_config, tiny_network
+
+TOLERANCE = 1e-5  # fp32; the compared computations differ only in summation order
+
+
+def test_config_json_round_trip_and_strictness(tmp_path):
+    config = tiny_config(sampling_eps_min=0.3, sampling_eps_max=0.8)
+    config.save(tmp_path)
+    assert BD3Config.load(tmp_path) == config
+    values = json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['hidden'\]"):
+        BD3Config.from_dict(dict(values, hidden=3))
+    del values["block_size"]
+    with pytest.raises(ValueError, match=r"missing required config field\(s\) \['block_size'\]"):
+        BD3Config.from_dict(values)
+    with pytest.raises(ValueError, match="seq_length 18 is not a multiple of block_size 4"):
+        tiny_config(seq_length=18)
+    with pytest.raises(ValueError, match="mask_token_id 64 is outside the vocabulary"):
+        tiny_config(mask_token_id=64)
+    with pytest.raises(ValueError, match="num_heads 4 is not a multiple of num_query_groups 3"):
+        tiny_config(num_query_groups=3)
+    with pytest.raises(ValueError, match="config field num_layers must be int, got '2'"):
+        tiny_config(num_layers="2")
+
+
+def test_save_load_round_trip(tmp_path):
+    network = tiny_network(seed=1)
+    network.save_pretrained(tmp_path)
+    loaded = BD3Network.from_pretrained(tmp_path)
+    tokens = torch.randint(0, 63, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), network(tokens), atol=0, rtol=0)
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    network = tiny_network(seed=2, tie_embeddings=True)
+    assert "output.weight" not in network.state_dict()
+    network.save_pretrained(tmp_path)
+    tokens = torch.randint(0, 63, (1, 8))
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(
+            network.final_norm(_hidden(network, tokens)), network.embedding.weight,
+            network.output_bias)
+        torch.testing.assert_close(BD3Network.from_pretrained(tmp_path)(tokens), expected)
+
+
+def _hidden(network, tokens):
+    """Hidden states before the final norm, through the public layers."""
+    x = network.embedding(tokens)
+    cos, sin = network._rope(torch.arange(tokens.shape[1]), x.dtype)
+    for layer in network.layers:
+        x = layer(x, cos, sin, None)
+    return x
+
+
+def test_strict_loading_names_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    network = tiny_network()
+    network.save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+
+    def write(tensors):
+        save_file(tensors, str(tmp_path / "model.safetensors"))
+
+    write({k: v for k, v in weights.items() if k != "layers.1.mlp.fc2.bias"})
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) layers.1.mlp.fc2.bias "
+                                         r"\(expected shape \[32\]\)"):
+        BD3Network.from_pretrained(tmp_path)
+    write(dict(weights, **{"layers.0.attn.qkv.bias": torch.zeros(64)}))
+    with pytest.raises(ValueError, match=r"unexpected tensor\(s\) layers.0.attn.qkv.bias "
+                                         r"\(shape \[64\]\)"):
+        BD3Network.from_pretrained(tmp_path)
+    write(dict(weights, **{"final_norm.weight": torch.ones(31)}))
+    with pytest.raises(ValueError, match=r"tensor final_norm.weight has shape \[31\], "
+                                         r"expected \[32\]"):
+        BD3Network.from_pretrained(tmp_path)
+    write(weights)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, num_heads=5)))
+    with pytest.raises(ValueError, match="hidden_size 32 is not a multiple of num_heads 5"):
+        BD3Network.from_pretrained(tmp_path)
+
+
+def test_forward_train_equals_per_block_recomputation():
+    """The x_t-half logits of block b equal one plain pass over [x_0 blocks < b ; x_t block b]
+    with a block-causal mask (the meaning of the two-stream mask, method doc §1)."""
+    network = tiny_network(seed=3)
+    B, L = 4, 16
+    g = torch.Generator().manual_seed(0)
+    x_0 = torch.randint(0, 63, (2, L), generator=g)
+    x_t = torch.where(torch.rand(2, L, generator=g) < 0.6, 63, x_0)
+    with torch.no_grad():
+        logits = network.forward_train(x_t, x_0)
+        for b in range(L // B):
+            tokens = torch.cat((x_0[:, : b * B], x_t[:, b * B:(b + 1) * B]), dim=1)
+            mask = block_causal_mask(tokens.shape[1], B)
+            expected = network(tokens, torch.arange(tokens.shape[1]), mask)[:, b * B:]
+            torch.testing.assert_close(logits[:, b * B:(b + 1) * B], expected,
+                                       atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_grouped_query_attention_equals_repeated_heads():
+    """GQA with g groups == multi-head attention whose k/v heads are repeated (done here)."""
+    gqa = tiny_network(seed=4, num_query_groups=2)
+    mha = BD3Network(tiny_config(num_query_groups=4)).eval()
+    state = gqa.state_dict()
+    hd, h, g = 8, 4, 2
+    for i in range(2):
+        w = state[f"layers.{i}.attn.qkv.weight"]
+        q, k, v = w.split([h * hd, g * hd, g * hd])
+        repeat = [k.view(g, hd, -1).repeat_interleave(h // g, 0).reshape(h * hd, -1),
+                  v.view(g, hd, -1).repeat_interleave(h // g, 0).reshape(h * hd, -1)]
+        state[f"layers.{i}.attn.qkv.weight"] = torch.cat([q] + repeat)
+    mha.load_state_dict_strict(state)
+    tokens = torch.randint(0, 63, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(tokens), mha(tokens), atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_cached_pass_equals_full_pass():
+    """Blocks written one by one into a KV cache, then a noisy block against the cache, give the
+    logits of one block-causal pass over the whole sequence."""
+    network = tiny_network(seed=5)
+    B = 4
+    tokens = torch.randint(0, 64, (3, 5 * B))
+    with torch.no_grad():
+        full = network(tokens, torch.arange(5 * B), block_causal_mask(5 * B, B))
+        cache = KVCache(network.config, 3, capacity=6 * B)
+        for b in range(5):
+            positions = torch.arange(b * B, (b + 1) * B).expand(3, -1)
+            mask = (torch.arange((b + 1) * B)[None, None, :] < (b + 1) * B).expand(3, B, -1)
+            out = network.forward_cached(tokens[:, b * B:(b + 1) * B], positions, cache,
+                                         positions, mask)
+            torch.testing.assert_close(out, full[:, b * B:(b + 1) * B], atol=TOLERANCE,
+                                       rtol=TOLERANCE)
+        # query_index selects rows: only their logits come back
+        rows = torch.tensor([[1], [3], [0]])
+        out = network.forward_cached(tokens[:, 4 * B:], positions, cache, positions, mask, rows)
+        torch.testing.assert_close(out, full[:, 4 * B:].gather(
+            1, rows[..., None].expand(-1, -1, 64)), atol=TOLERANCE, rtol=TOLERANCE)

@@ -1,0 +1,156 @@
+"""Sampler throughput of the standalone BD3-LM (tokens/s, NFE), with and without the KV cache.
+
+    python -m tools.bench.sampler_bench [--threads 2] [--json out.json] [--only NAME ...]
+
+Models (random weights, fp32, the reference's architecture):
+* ``ref``: the reference-bench model (docs: reference-bench.md): 4 layers, hidden 256, 4 heads,
+  vocab 8192 (incl. [MASK]), L = 1024;
+* ``30m``: 8 layers, hidden 512, 8 heads, vocab 8192, L = 1024 (33.6M parameters).
+
+Cases: first-hitting with B = 16 at 256 and 1024 tokens, batch 1 and 16, cache and no cache; AR
+decoding = the same network sampled with B = 1 (one token per call, KV cache). Each sample
+starts from BOS (as the reference), so "tokens" counts the generated ones (length - 1). Timings
+are the median of ``--repeats`` runs after one warm-up (no-cache runs longer than a minute: one
+run). The load average is recorded because the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_bd3.standalone import BD3Config, BD3Network, SamplerConfig, generate
+
+MODELS = {
+    "ref": dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4),
+    "30m": dict(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8),
+}
+
+
+@dataclass
+class Case:
+    name: str
+    model: str
+    length: int
+    batch: int
+    block_size: int = 16
+    use_cache: bool = True
+
+
+CASES = [
+    Case("ref-256-b1-cache", "ref", 256, 1),
+    Case("ref-256-b1-nocache", "ref", 256, 1, use_cache=False),
+    Case("ref-256-b16-cache", "ref", 256, 16),
+    Case("ref-256-b16-nocache", "ref", 256, 16, use_cache=False),
+    Case("ref-256-b1-ar", "ref", 256, 1, block_size=1),
+    Case("ref-256-b16-ar", "ref", 256, 16, block_size=1),
+    Case("ref-1024-b1-cache", "ref", 1024, 1),
+    Case("ref-1024-b1-nocache", "ref", 1024, 1, use_cache=False),
+    Case("ref-1024-b16-cache", "ref", 1024, 16),
+    Case("ref-1024-b1-ar", "ref", 1024, 1, block_size=1),
+    Case("30m-1024-b1-cache", "30m", 1024, 1),
+    Case("30m-1024-b1-nocache", "30m", 1024, 1, use_cache=False),
+    Case("30m-1024-b1-ar", "30m", 1024, 1, block_size=1),
+    Case("30m-1024-b16-cache", "30m", 1024, 16),
+]
+
+
+def build(model: str) -> BD3Network:
+    spec = MODELS[model]
+    d = spec["hidden_size"]
+    config = BD3Config(
+        num_query_groups=spec["num_heads"], ffn_hidden_size=4 * d, seq_length=1024,
+        block_size=16, mask_token_id=spec["vocab_size"] - 1, bos_token_id=0, eos_token_id=1,
+        **spec,
+    )
+    torch.manual_seed(0)
+    network = BD3Network(config).eval()
+    with torch.no_grad():  # random, non-degenerate weights (the output layer is not all zero)
+        for param in network.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.02)
+    return network
+
+
+def run_case(network: BD3Network, case: Case, repeats: int) -> dict:
+    config = SamplerConfig(block_size=case.block_size, use_cache=case.use_cache)
+    seeds = list(range(case.batch))
+
+    def once() -> dict:
+        load = os.getloadavg()[0]
+        wall, cpu = time.perf_counter(), time.process_time()
+        samples = generate(network, case.length, num_samples=case.batch, seeds=seeds,
+                           config=config)
+        return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu,
+                "load": load, "samples": samples}
+
+    generate(network, 2 * case.block_size + 1, num_samples=case.batch, config=config)  # warm-up
+    runs = [once()]
+    while runs[0]["wall"] < 60 and len(runs) < repeats:
+        runs.append(once())
+    wall = statistics.median(r["wall"] for r in runs)
+    samples = runs[-1]["samples"]
+    generated = sum(len(s.generated) for s in samples)
+    return {
+        **case.__dict__,
+        "seconds": round(wall, 3),
+        "runs": [round(r["wall"], 3) for r in runs],
+        "tokens": generated,
+        "tokens_per_s": round(generated / wall, 1),
+        # CPU seconds of this process (all threads): less sensitive to other users' load
+        "cpu_seconds": round(statistics.median(r["cpu"] for r in runs), 3),
+        "nfe_per_sample": samples[0].nfe,
+        "tokens_through_net_per_sample": samples[0].tokens_processed,
+        "load_avg_1min": round(max(r["load"] for r in runs), 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=None, help="case names to run")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cases = [c for c in CASES if args.only is None or c.name in args.only]
+    networks: dict[str, BD3Network] = {}
+    results = []
+    header = (f"{'case':22s} {'tokens':>6s} {'sec':>8s} {'tok/s':>8s} {'cpu-s':>8s} "
+              f"{'NFE/sample':>10s} {'net tok/sample':>14s} {'load':>5s}")
+    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or ''}")
+    print(header)
+    for case in cases:
+        if case.model not in networks:
+            networks[case.model] = build(case.model)
+        result = run_case(networks[case.model], case, args.repeats)
+        results.append(result)
+        print(f"{case.name:22s} {result['tokens']:6d} {result['seconds']:8.2f} "
+              f"{result['tokens_per_s']:8.1f} {result['cpu_seconds']:8.2f} "
+              f"{result['nfe_per_sample']:10d} "
+              f"{result['tokens_through_net_per_sample']:14d} {result['load_avg_1min']:5.2f}",
+              flush=True)
+    by_name = {r["name"]: r for r in results}
+    for model, length in (("ref", 256), ("ref", 1024), ("30m", 1024)):
+        cached, uncached = (by_name.get(f"{model}-{length}-b1-{k}") for k in ("cache", "nocache"))
+        if cached and uncached:
+            print(f"KV cache speed-up, {model} at {length} tokens, batch 1: "
+                  f"{cached['tokens_per_s'] / uncached['tokens_per_s']:.1f}x")
+    if args.json:
+        meta = {"torch": torch.__version__, "threads": args.threads,
+                "python": platform.python_version(), "machine": platform.machine(),
+                "parameters": {m: n.num_parameters() for m, n in networks.items()}}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer directory or file (default: found in MODEL_DIR)")
     parser.add_argument("--output", type=Path, default=None, help="write samples as JSONL")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="network weights/activations (sampling math stays float64)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no text output")
     return parser
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
-        network = BD3Network.from_pretrained(args.model_dir)
+        network = BD3Network.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype))
     except (OSError, ValueError) as error:
         parser.error(str(error))
     config = network.config
@@ -159,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 if out_file is not None:
                     out_file.write(json.dumps(record) + "\n")
-                if not args.quiet:
+                if progress is not None:
                     shown = text if text is not None else " ".join(map(str, sample.tokens))
-                    print(f"=== sample {index} ({record['num_generated']} tokens, "
-                          f"{sample.nfe} NFE, {sample.stop_reason}) ===\n{shown}")
+                    progress.write(f"=== sample {index} ({record['num_generated']} tokens, "
+                                   f"{sample.nfe} NFE, {sample.stop_reason}) ===\n{shown}",
+                                   file=sys.stdout)
     finally:
         if progress is not None:
             progress.close()

@@ -3,7 +3,10 @@
 config       BD3Config (TransformerConfig + BD3 knobs) and presets bd3/ar/mdlm/reference
 masks        the training masks handed to the core attention (True = may attend), cached
 attention    BD3CoreAttention: FlexAttention / SDPA drop-in for megatron's core_attention
-layer_spec   get_bd3_layer_spec: megatron's GPT layer spec with that one leaf swapped
+block_attention  the training mask's attention computed block by block on CPU
+self_attention   BD3SelfAttention (short forward, own RoPE, x_t-only last layer) and its bda
+rope         rotary embedding as one autograd function
+layer_spec   get_bd3_layer_spec: megatron's GPT layer spec with the attention leaves swapped
 bd3_model    BD3Model (LanguageModule) and build_bd3_model (megatron model provider)
 step         forward_step / loss_func for megatron's forward_backward_func
 """
@@ -20,7 +23,12 @@ from megatron_bd3.model.config import (
     reference_owt_config,
 )
 from megatron_bd3.model.layer_spec import get_bd3_layer_spec
-from megatron_bd3.model.masks import to_megatron_mask, training_attention_mask
+from megatron_bd3.model.masks import (
+    causal_attention_mask,
+    full_attention_mask,
+    to_megatron_mask,
+    training_attention_mask,
+)
 from megatron_bd3.model.step import BATCH_KEYS, forward_step, loss_func
 
 __all__ = [
@@ -33,7 +41,9 @@ __all__ = [
     "ar_config",
     "bd3_config",
     "build_bd3_model",
+    "causal_attention_mask",
     "forward_step",
+    "full_attention_mask",
     "gelu_tanh",
     "get_bd3_layer_spec",
     "loss_func",

@@ -11,7 +11,15 @@ Same constructor and call contract as megatron-core 0.16.1's DotProductAttention
 
 The kernel is chosen by the mask that arrives (see masks.py for the convention, True = may attend):
     BlockMask          -> FlexAttention (the sparse BD3 mask; torch.compile'd on GPU)
-    bool tensor        -> scaled_dot_product_attention with that dense mask
+    the cached dense training mask (masks.training_attention_mask)
+                       -> on CPU without attention dropout: block_attention, the same attention
+                          computed block by block (no dense 2L × 2L work); otherwise SDPA with the
+                          mask in two calls (x_t queries × 2L keys, x_0 queries × x_0 keys).
+                          With only the L x_t queries given (the last layer of a training
+                          forward, see self_attention.py) only the x_t rows are computed.
+    cached full / causal masks (masks.full_attention_mask / causal_attention_mask)
+                       -> SDPA without a mask / with is_causal
+    any other bool tensor -> scaled_dot_product_attention with that dense mask
     None               -> the BD3 training mask of this config over 2L tokens, in the
                           representation of config.attention_kernel. BD3Model passes None only
                           when activation recompute is on with flex, because megatron's
@@ -38,10 +46,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from megatron_bd3.model import block_attention
 from megatron_bd3.model.masks import (
-    is_dense_training_mask,
+    plain_mask_kind,
     split_training_mask,
     training_attention_mask,
+    training_mask_kind,
 )
 
 logger = logging.getLogger(__name__)
@@ -183,6 +193,13 @@ class BD3CoreAttention(MegatronModule):
         if attention_mask is None:
             attention_mask = self._default_training_mask(query.size(0), key.size(0), query.device)
 
+        if self._use_block_attention(query, attention_mask):
+            context = block_attention.block_diffusion_attention(
+                query, key, value, self.config.seq_length, self.config.block_size,
+                self.softmax_scale,
+            )  # [sq, b, np, hn]
+            return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)
+
         # megatron is sequence-first; both kernels want [b, np, s, hn].
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
@@ -209,27 +226,48 @@ class BD3CoreAttention(MegatronModule):
             )
         return training_attention_mask(seq_length, self.config.block_size, self.kernel, device)
 
+    def _training_mask_kind(self, mask) -> str | None:
+        seq_length = getattr(self.config, "seq_length", 0)
+        if not seq_length or not isinstance(mask, torch.Tensor):
+            return None
+        return training_mask_kind(mask, seq_length, self.config.block_size)
+
+    def _use_block_attention(self, query: torch.Tensor, mask) -> bool:
+        """The training mask on CPU without attention dropout: the block-structured kernel."""
+        if self.kv_cache is not None or self._training_mask_kind(mask) is None:
+            return False
+        dropout = self.dropout_p if self.training else 0.0
+        return dropout == 0.0 and block_attention.supports(query)
+
     def _sdpa(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
         if mask.dtype != torch.bool:
             raise TypeError(
                 f"BD3CoreAttention expects a bool mask (True = may attend), got dtype {mask.dtype}"
             )
-        seq_length = getattr(self.config, "seq_length", 0)
-        if seq_length and is_dense_training_mask(mask, seq_length, self.config.block_size):
+        if self._training_mask_kind(mask) is not None:
             # The clean queries never attend to noisy keys: run them against the clean keys
-            # only (3L² scores instead of 4L²; the result is identical).
+            # only (3L² scores instead of 4L²; the result is identical). With only the x_t
+            # queries given (last layer of a training forward), only the first call is needed.
+            seq_length = self.config.seq_length
             noisy_rows, clean_block = split_training_mask(
                 seq_length, self.config.block_size, mask.device
             )
             noisy = self._sdpa_call(q[:, :, :seq_length], k, v, noisy_rows)
+            if q.size(2) == seq_length:
+                return noisy  # [b, np, L, hn]
             clean = self._sdpa_call(
                 q[:, :, seq_length:], k[:, :, seq_length:], v[:, :, seq_length:], clean_block
             )
             return torch.cat([noisy, clean], dim=2)  # [b, np, 2L, hn]
+        plain = plain_mask_kind(mask)
+        if plain == "full":
+            return self._sdpa_call(q, k, v, None)
+        if plain == "causal" and q.size(2) == k.size(2):
+            return self._sdpa_call(q, k, v, None, is_causal=True)
         self._check_every_query_attends(mask)
         return self._sdpa_call(q, k, v, mask)
 
-    def _sdpa_call(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+    def _sdpa_call(self, q, k, v, mask: torch.Tensor | None, is_causal: bool = False):
         dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p > 0.0:
             # Per-TP-rank dropout stream, as megatron's attention dropout: each rank holds
@@ -237,9 +275,12 @@ class BD3CoreAttention(MegatronModule):
             # skips the fork under sequence parallel; here the heads are split either way.)
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 return F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.softmax_scale
+                    q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                    scale=self.softmax_scale,
                 )
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.softmax_scale
+        )
 
     def _flex(self, q, k, v, block_mask: BlockMask) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (

@@ -4,9 +4,18 @@ Training forward (method doc §1-§2): the input is the two streams [x_t ; x_0] 
 carrying positions 0..L-1 for RoPE, run once through megatron's TransformerBlock under the BD3
 mask (noisy block b sees itself and clean blocks < b; clean block b sees clean blocks ≤ b). Only
 the x_t half reaches the output layer; the clean half exists to provide keys/values at every layer.
-The loss is SUBS + NELBO: the [MASK] logit is removed, the vocab-parallel cross-entropy gives the
-token NLL against x_0, and megatron_bd3.diffusion.nelbo_from_token_nll (the single source of the
-NELBO) turns it into per-token loss terms.
+The loss is SUBS + NELBO: the [MASK] logit is removed, the cross-entropy against x_0 gives the
+token NLL, and megatron_bd3.diffusion.nelbo_from_token_nll (the single source of the NELBO) turns
+it into per-token loss terms.
+
+Work the loss cannot see is skipped (same loss up to summation order, tested):
+* the last layer computes only the x_t queries (self_attention.py; the training mask's
+  "x_t outputs only" variant tells it that nothing reads the x_0 half);
+* only the masked x_t positions are projected onto the vocabulary (carry-over unmasking gives
+  every other position zero loss, method doc §2.2 item 7), and with TP = 1 SUBS + cross-entropy
+  is one masked fill and one fused log-softmax;
+* with B = L (MDLM) the x_0 stream is dropped altogether (config.single_stream): the only block
+  has no earlier clean blocks, so x_t never attends to x_0.
 
 Layouts: megatron is sequence-first. Inputs are batch-first token ids [b, L]; hidden states are
 [s, b, h] with s = 2L (or 2L/TP per rank under sequence parallel); loss terms are [b, L].
@@ -23,6 +32,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
@@ -40,7 +50,7 @@ from megatron_bd3.diffusion import nelbo_from_token_nll
 from megatron_bd3.model.attention import BD3CoreAttention, KVCache
 from megatron_bd3.model.config import BD3Config
 from megatron_bd3.model.layer_spec import get_bd3_block_spec, get_bd3_layer_spec
-from megatron_bd3.model.masks import training_attention_mask
+from megatron_bd3.model.masks import full_attention_mask, training_attention_mask
 
 # SUBS zero-masking: the [MASK] logit is pushed to -1e6 so the model never predicts [MASK]
 # (reference `_subs_parameterization`); the padded vocab rows get the same treatment.
@@ -192,18 +202,19 @@ class BD3Model(LanguageModule):
             last stage with loss_inputs: [b, L] per-token NELBO terms (0 where not masked),
                 whose sum over the batch divided by the number of counted tokens is the loss;
             last stage without loss_inputs: [b, L, V_pad/TP] vocab-parallel x_t-half logits;
-            other stages: hidden states [2L(/TP under sequence parallel), b, h].
+            other stages: hidden states [stream_length(/TP under sequence parallel), b, h]
+                (stream_length = 2L, or L for the single-stream B = L model).
         """
-        hidden_states = self._run_decoder(x_t, x_0)
+        hidden_states = self._run_decoder(x_t, x_0, x_t_outputs_only=True)
         if not self.post_process:
             return hidden_states
-        logits = self._x_t_logits(hidden_states, self.config.seq_length)  # [L, b, V/tp]
         if loss_inputs is None:
+            logits = self._x_t_logits(hidden_states, self.config.seq_length)  # [L, b, V/tp]
             return logits.transpose(0, 1).contiguous()  # [b, L, V/tp]
         labels = loss_inputs.labels if loss_inputs.labels is not None else x_0
         if labels is None:
             raise ValueError("the last pipeline stage needs x_0 (or loss_inputs.labels)")
-        token_nll = self._subs_token_nll(logits, labels)  # [b, L]
+        token_nll = self._masked_token_nll(hidden_states, labels, loss_inputs.masked)  # [b, L]
         nelbo = nelbo_from_token_nll(
             token_nll,
             loss_inputs.masked,
@@ -222,7 +233,8 @@ class BD3Model(LanguageModule):
 
     def forward_hidden(self, x_t: Tensor, x_0: Tensor) -> Tensor:
         """Final-norm hidden states of both streams, [2L, b, h] (gathered under sequence
-        parallel): rows [0, L) are the x_t half, [L, 2L) the x_0 half. For tests and analysis."""
+        parallel): rows [0, L) are the x_t half, [L, 2L) the x_0 half; [L, b, h] (x_t only) for
+        the single-stream B = L model. For tests and analysis."""
         self._require_single_stage("forward_hidden")
         hidden_states = self._run_decoder(x_t, x_0)
         return self._gather_sequence(hidden_states)
@@ -289,40 +301,55 @@ class BD3Model(LanguageModule):
 
     # -- pieces ----------------------------------------------------------------------------------
 
-    def _run_decoder(self, x_t: Tensor | None, x_0: Tensor | None) -> Tensor:
+    def _run_decoder(
+        self, x_t: Tensor | None, x_0: Tensor | None, x_t_outputs_only: bool = False
+    ) -> Tensor:
+        """The decoder over the training input: [x_t ; x_0] (2L), or x_t alone (single stream).
+
+        x_t_outputs_only: the caller reads only the x_t rows of the result, so the last layer may
+        skip the x_0 queries (then the result has L rows)."""
         L = self.config.seq_length
+        single_stream = self.config.single_stream
         decoder_input = None
         if self.pre_process:
-            for name, tokens in (("x_t", x_t), ("x_0", x_0)):
+            streams = (("x_t", x_t),) if single_stream else (("x_t", x_t), ("x_0", x_0))
+            for name, tokens in streams:
                 if tokens is None or tokens.dim() != 2 or tokens.size(1) != L:
                     shape = None if tokens is None else tuple(tokens.shape)
                     raise ValueError(
                         f"{name} must be [batch, seq_length={L}] token ids, got {shape}"
                     )
-            two_stream = torch.cat([x_t, x_0], dim=1)  # [b, 2L]
-            decoder_input = self.embedding(input_ids=two_stream, position_ids=None)  # [2L, b, h]
+            tokens = x_t if single_stream else torch.cat([x_t, x_0], dim=1)  # [b, 2L] or [b, L]
+            decoder_input = self.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
         device = self._device()
         return self.decoder(
             hidden_states=decoder_input,
-            attention_mask=self._training_attention_mask(device),
-            rotary_pos_emb=self._two_stream_rotary(device),
+            attention_mask=self._training_attention_mask(device, x_t_outputs_only),
+            rotary_pos_emb=self._training_rotary(device),
         )
 
-    def _training_attention_mask(self, device: torch.device):
-        kernel = self.config.resolved_attention_kernel
-        if kernel == "flex" and self.config.recompute_granularity is not None:
+    def _training_attention_mask(self, device: torch.device, x_t_outputs_only: bool = False):
+        config = self.config
+        if config.single_stream:
+            # x_t alone, one block: full bidirectional attention (SDPA without a mask).
+            return full_attention_mask(config.seq_length, device)
+        kernel = config.resolved_attention_kernel
+        if kernel == "flex" and config.recompute_granularity is not None:
             # megatron's checkpoint function can only save tensors; BD3CoreAttention rebuilds the
             # (cached) BlockMask itself when it receives None.
             return None
         return training_attention_mask(
-            self.config.seq_length, self.config.block_size, kernel, device
+            config.seq_length, config.block_size, kernel, device, x_t_outputs_only=x_t_outputs_only
         )
 
-    def _two_stream_rotary(self, device: torch.device) -> Tensor | None:
-        """RoPE angles for [x_t ; x_0]: positions [0..L-1, 0..L-1], [2L, 1, 1, d]."""
+    def _training_rotary(self, device: torch.device) -> Tensor | None:
+        """RoPE angles of the training input: positions [0..L-1, 0..L-1] for the two streams,
+        [0..L-1] for the single stream; [stream_length, 1, 1, d]."""
         if self.rotary_pos_emb is None:
             return None
         table = self.rotary_pos_emb(self.config.seq_length).to(device)  # [L, 1, 1, d]
+        if self.config.single_stream:
+            return table
         return torch.cat([table, table], dim=0)  # [2L, 1, 1, d]
 
     def _rotary_for_positions(self, positions: Tensor, n: int) -> Tensor | None:
@@ -359,21 +386,50 @@ class BD3Model(LanguageModule):
             hidden_states, tensor_parallel_output_grad=False, group=self.tp_group
         )
 
-    def _subs_token_nll(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """-log p_θ(x_0 | x_t) per token under SUBS zero-masking: [L, b, V/tp] -> [b, L].
+    def _masked_token_nll(self, hidden_states: Tensor, labels: Tensor, masked: Tensor) -> Tensor:
+        """-log p_θ(x_0 | x_t) at the masked x_t positions, 0 elsewhere: [b, L].
 
-        Carry-over unmasking (log p = 0 where x_t is not [MASK]) is applied by the NELBO, which
-        keeps only masked positions."""
+        Only masked positions carry loss (carry-over unmasking, method doc §2.2 item 7), so only
+        their final hidden states are projected onto the vocabulary — about half the output
+        layer and cross-entropy work of projecting all L positions at t ~ U[0, 1]."""
+        if masked.dtype != torch.bool or masked.shape != labels.shape:
+            raise ValueError(
+                f"loss_inputs.masked must be a bool [b, L] tensor like the labels "
+                f"{tuple(labels.shape)}, got {masked.dtype} {tuple(masked.shape)}"
+            )
+        L = self.config.seq_length
+        hidden = self._gather_sequence(hidden_states)[:L]  # [L, b, h]
+        rows = hidden.transpose(0, 1)[masked]  # [M, h], M = masked positions, (b, L) order
+        weight = None
+        if self.share_embeddings_and_output_weights:
+            weight = self.shared_embedding_or_output_weight()
+        logits, _ = self.output_layer(rows.unsqueeze(1), weight=weight)  # [M, 1, V/tp]
+        nll = self._subs_token_nll(logits, labels[masked].unsqueeze(1))  # [M, 1]
+        return nll.new_zeros(labels.shape).masked_scatter(masked, nll.squeeze(1))  # [b, L]
+
+    def _subs_token_nll(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """-log p_θ(label) under SUBS zero-masking: logits [s, b, V/tp], labels [s, b] -> [s, b].
+
+        The [MASK] column (and the padded columns) get logit -1e6 before the cross-entropy."""
         vocab_local = logits.size(-1)
+        tp_size = self.config.tensor_model_parallel_size
         vocab_start = parallel_state.get_tensor_model_parallel_rank() * vocab_local
         vocab_ids = torch.arange(vocab_start, vocab_start + vocab_local, device=logits.device)
         # Only the TP rank owning the [MASK] column (and padded columns) changes anything.
         blocked = (vocab_ids == self.config.mask_token_id) | (vocab_ids >= self.vocab_size)
+        if tp_size == 1:
+            # One masked fill (in place: the output layer does not keep its output) and one
+            # fused log-softmax + NLL, instead of megatron's vocab-parallel chain.
+            if logits.dtype == torch.float32:
+                logits = logits.masked_fill_(blocked, SUBS_NEG_INF)
+            else:
+                logits = logits.float().masked_fill_(blocked, SUBS_NEG_INF)
+            nll = F.cross_entropy(
+                logits.view(-1, vocab_local), labels.reshape(-1), reduction="none"
+            )
+            return nll.view(labels.shape)
         logits = logits.float().masked_fill(blocked, SUBS_NEG_INF)
-        nll = tensor_parallel.vocab_parallel_cross_entropy(
-            logits, labels.transpose(0, 1).contiguous()
-        )  # [L, b]
-        return nll.transpose(0, 1)  # [b, L]
+        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
 
     def _gather_vocab(self, logits: Tensor) -> Tensor:
         """[..., V/tp] vocab-parallel -> [..., vocab_size] full (padding cut off)."""

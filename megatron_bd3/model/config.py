@@ -116,6 +116,12 @@ class BD3Config(TransformerConfig):
     rotary_percent: float = 1.0
     """Fraction of the head dim that is rotated (1.0 = whole head, the reference)."""
 
+    single_stream_mdlm: bool = True
+    """With B = L, train on the x_t stream alone (L tokens) instead of [x_t ; x_0] (2L). When
+    B = L the x_t half attends to no x_0 token (its only block has no earlier clean blocks), so
+    the x_0 stream cannot change the loss and is skipped: same loss, half the tokens. False
+    keeps the two-stream input (for checking that equality)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self._validate_bd3()
@@ -169,10 +175,11 @@ class BD3Config(TransformerConfig):
                 f"context_parallel_size {self.context_parallel_size} is not supported by the BD3 "
                 "core attention (the 2L mask is not split across CP ranks); use 1"
             )
-        if self.sequence_parallel and (2 * self.seq_length) % self.tensor_model_parallel_size:
+        if self.sequence_parallel and self.stream_length % self.tensor_model_parallel_size:
+            name, kind = ("L", "single-stream") if self.single_stream else ("2L", "two-stream")
             raise ValueError(
-                f"sequence_parallel splits the 2L = {2 * self.seq_length} two-stream tokens over "
-                f"tensor_model_parallel_size {self.tensor_model_parallel_size}; 2L must be a "
+                f"sequence_parallel splits the {name} = {self.stream_length} {kind} tokens over "
+                f"tensor_model_parallel_size {self.tensor_model_parallel_size}; {name} must be a "
                 "multiple of it"
             )
         if self.softmax_type != "vanilla":
@@ -245,13 +252,19 @@ class BD3Config(TransformerConfig):
         return ClipRange(self.clip_min, self.clip_max)
 
     @property
+    def single_stream(self) -> bool:
+        """True when training runs on x_t alone: B = L with single_stream_mdlm (exactly MDLM)."""
+        return self.block_size == self.seq_length and self.single_stream_mdlm
+
+    @property
     def stream_length(self) -> int:
-        """Tokens the transformer sees per sequence in training: 2L ([x_t ; x_0]).
+        """Tokens the transformer sees per sequence in training: 2L ([x_t ; x_0]), or L for the
+        single-stream B = L model.
 
         Pass this as `seq_length` to megatron's forward_backward_func: pipeline stages exchange
         hidden states of this length.
         """
-        return 2 * self.seq_length
+        return self.seq_length if self.single_stream else 2 * self.seq_length
 
     @property
     def resolved_attention_kernel(self) -> str:
@@ -371,7 +384,8 @@ def mdlm_config(
     **overrides: Any,
 ) -> BD3Config:
     """B = L: a single block, so the noisy half attends bidirectionally to itself and to no clean
-    token — exactly MDLM (the clean half is computed but cannot influence the loss)."""
+    token — exactly MDLM. The model then trains on x_t alone (L tokens, `single_stream_mdlm`);
+    pass single_stream_mdlm=False for the (equal-loss) two-stream input."""
     return bd3_config(
         seq_length=seq_length,
         block_size=seq_length,

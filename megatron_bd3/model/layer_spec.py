@@ -1,9 +1,13 @@
-"""The BD3 transformer-layer spec: megatron-core's GPT layer spec with one leaf swapped.
+"""The BD3 transformer-layer spec: megatron-core's GPT layer spec with its attention leaves swapped.
 
 Block diffusion changes exactly one thing inside a layer — which keys a query may attend to — so
-the spec is megatron's own (local, or Transformer Engine when importable) with only
+the spec is megatron's own (local, or Transformer Engine when importable) with
 `self_attention.submodules.core_attention` replaced by BD3CoreAttention and the self-attention
-mask type set to `arbitrary`. TransformerLayer, SelfAttention, MLP are megatron's, unmodified.
+mask type set to `arbitrary`. Two more leaves change for speed, not semantics (see
+self_attention.py): `self_attention.module` is BD3SelfAttention (megatron's SelfAttention with a
+short forward for BD3Model's calls: cheaper RoPE, and x_t queries only in the last layer of a
+training forward) and `self_attn_bda` is megatron's bias-dropout-add that cuts the residual to
+the rows that attention returned. TransformerLayer and MLP are megatron's, unmodified.
 
 Reference bias layout (qkv and attention-out without bias, MLP fc1/fc2 with bias):
 megatron has one switch, `add_bias_linear`, for all four linears (and `add_qkv_bias` for qkv).
@@ -46,6 +50,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_bd3.model.attention import BD3CoreAttention
 from megatron_bd3.model.config import BD3Config
+from megatron_bd3.model.self_attention import BD3SelfAttention, x_t_rows_bias_dropout_add
 
 try:  # Transformer Engine is a GPU-only optional dependency.
     import transformer_engine  # noqa: F401
@@ -134,8 +139,10 @@ def get_bd3_layer_spec(
 
     spec = copy.deepcopy(base)
     self_attention = spec.submodules.self_attention
+    self_attention.module = BD3SelfAttention
     self_attention.params = {**self_attention.params, "attn_mask_type": AttnMaskType.arbitrary}
     self_attention.submodules.core_attention = BD3CoreAttention
+    spec.submodules.self_attn_bda = x_t_rows_bias_dropout_add
 
     if config.reference_bias_layout:
         mlp = spec.submodules.mlp.submodules

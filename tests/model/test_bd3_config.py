@@ -8,6 +8,7 @@ import pytest
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_bd3.model import (
@@ -20,6 +21,7 @@ from megatron_bd3.model import (
     mdlm_config,
     reference_owt_config,
 )
+from megatron_bd3.model.self_attention import BD3SelfAttention, x_t_rows_bias_dropout_add
 from tests.model.helpers import tiny_overrides
 
 
@@ -91,7 +93,7 @@ def _leaves(spec, path=""):
     return out
 
 
-def test_spec_swaps_only_the_core_attention_leaf():
+def test_spec_swaps_only_the_attention_leaves():
     config = BD3Config(**tiny_overrides(reference_bias_layout=False, output_layer_bias=False))
     ours = _leaves(get_bd3_layer_spec(config, use_transformer_engine=False))
     megatron = _leaves(get_gpt_layer_local_spec(normalization="LayerNorm"))
@@ -99,9 +101,30 @@ def test_spec_swaps_only_the_core_attention_leaf():
     changed = {key for key in ours if ours[key] != megatron[key]}
     core = ".submodules.self_attention.submodules.core_attention"
     params = ".submodules.self_attention.params"
-    assert changed == {core, params}
+    module = ".submodules.self_attention.module"
+    bda = ".submodules.self_attn_bda"
+    assert changed == {core, params, module, bda}
     assert ours[core] is BD3CoreAttention
     assert ours[params]["attn_mask_type"] == AttnMaskType.arbitrary
+    # Speed-only swaps: megatron's SelfAttention subclassed, megatron's bias-dropout-add wrapped.
+    assert ours[module] is BD3SelfAttention and issubclass(BD3SelfAttention, SelfAttention)
+    assert ours[bda] is x_t_rows_bias_dropout_add
+
+
+def test_x_t_rows_bias_dropout_add_cuts_only_a_longer_residual():
+    x, bias = torch.randn(4, 2, 8), torch.randn(8)
+    residual = torch.randn(6, 2, 8)
+    for training in (False, True):
+        torch.manual_seed(0)
+        same = x_t_rows_bias_dropout_add(training, False)((x, bias), residual[:4], 0.5)
+        torch.manual_seed(0)
+        cut = x_t_rows_bias_dropout_add(training, False)((x, bias), residual, 0.5)
+        torch.testing.assert_close(cut, same, rtol=0.0, atol=0.0)
+    # Independent reference without dropout: x + bias + the residual's first rows.
+    expected = x + bias + residual[:4]
+    torch.testing.assert_close(
+        x_t_rows_bias_dropout_add(False, False)((x, bias), residual, 0.5), expected
+    )
 
 
 def test_reference_bias_layout_forces_only_the_mlp_biases():

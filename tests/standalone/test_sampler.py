@@ -276,3 +276,17 @@ def test_bad_options_are_named(network):
         generate(network, 8, num_samples=1, config=SamplerConfig(sampler="greedy"))
     with pytest.raises(ValueError, match="2 seeds for 1 samples"):
         generate(network, 8, prompts=[[0]], seeds=[1, 2])
+
+
+def test_bfloat16_network(network):
+    """Opt-in bfloat16: same function up to bf16 rounding, and the sampler runs on it (cache in
+    bf16, sampling math in float64)."""
+    bf16 = tiny_network(seed=11).to(torch.bfloat16)
+    tokens = torch.randint(0, 63, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = network(tokens)
+        torch.testing.assert_close(bf16(tokens).float(), reference, atol=0.2, rtol=0.05)
+    samples = generate(bf16, 2 * L + 2, num_samples=2, seeds=[5, 6])
+    for sample in samples:
+        assert len(sample.tokens) == 2 * L + 2 and MASK not in sample.tokens
+        assert sample.nfe == 2 * L + 1

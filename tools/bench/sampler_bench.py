@@ -6,12 +6,17 @@ Models (random weights, fp32, the reference's architecture):
 * ``ref``: the reference-bench model (docs: reference-bench.md): 4 layers, hidden 256, 4 heads,
   vocab 8192 (incl. [MASK]), L = 1024;
 * ``30m``: 8 layers, hidden 512, 8 heads, vocab 8192, L = 1024 (33.6M parameters).
+fp32 unless the case name ends in ``-bf16`` (bfloat16 weights and activations).
 
 Cases: first-hitting with B = 16 at 256 and 1024 tokens, batch 1 and 16, cache and no cache; AR
 decoding = the same network sampled with B = 1 (one token per call, KV cache). Each sample
 starts from BOS (as the reference), so "tokens" counts the generated ones (length - 1). Timings
 are the median of ``--repeats`` runs after one warm-up (no-cache runs longer than a minute: one
-run). The load average is recorded because the machine is shared.
+run). The load average and the process CPU time are recorded because the machine is shared.
+
+On a shared machine run it with ``OMP_WAIT_POLICY=PASSIVE`` (or ``--threads 1``): with the default
+spinning OpenMP threads, two torch threads on two cores that another process also uses wait for
+a descheduled thread in every parallel region (measured: 80x slower than one thread).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class Case:
     batch: int
     block_size: int = 16
     use_cache: bool = True
+    dtype: str = "float32"
 
 
 CASES = [
@@ -59,6 +65,10 @@ CASES = [
     Case("30m-1024-b1-nocache", "30m", 1024, 1, use_cache=False),
     Case("30m-1024-b1-ar", "30m", 1024, 1, block_size=1),
     Case("30m-1024-b16-cache", "30m", 1024, 16),
+    # bfloat16 weights and activations (opt-in; AVX512-BF16 matmuls), same sampler
+    Case("ref-256-b1-cache-bf16", "ref", 256, 1, dtype="bfloat16"),
+    Case("ref-256-b16-cache-bf16", "ref", 256, 16, dtype="bfloat16"),
+    Case("30m-1024-b1-cache-bf16", "30m", 1024, 1, dtype="bfloat16"),
 ]
 
 
@@ -128,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or ''}")
     print(header)
     for case in cases:
-        if case.model not in networks:
-            networks[case.model] = build(case.model)
-        result = run_case(networks[case.model], case, args.repeats)
+        key = f"{case.model}-{case.dtype}"
+        if key not in networks:
+            networks[key] = build(case.model).to(getattr(torch, case.dtype))
+        result = run_case(networks[key], case, args.repeats)
         results.append(result)
         print(f"{case.name:22s} {result['tokens']:6d} {result['seconds']:8.2f} "
               f"{result['tokens_per_s']:8.1f} {result['cpu_seconds']:8.2f} "
@@ -142,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         cached, uncached = (by_name.get(f"{model}-{length}-b1-{k}") for k in ("cache", "nocache"))
         if cached and uncached:
             print(f"KV cache speed-up, {model} at {length} tokens, batch 1: "
-                  f"{cached['tokens_per_s'] / uncached['tokens_per_s']:.1f}x")
+                  f"{uncached['seconds'] / cached['seconds']:.1f}x wall, "
+                  f"{uncached['cpu_seconds'] / cached['cpu_seconds']:.1f}x CPU time")
     if args.json:
         meta = {"torch": torch.__version__, "threads": args.threads,
                 "python": platform.python_version(), "machine": platform.machine(),

@@ -1,0 +1,224 @@
+"""The BD3 training attention over [x_t ; x_0] without the dense 2L × 2L work (CPU).
+
+The training mask (method doc §1.1) is dense-free in structure: x_t block b attends to its own
+noisy block and to clean blocks < b; x_0 block b attends to clean blocks ≤ b. On CPU,
+scaled_dot_product_attention with the dense bool mask computes every masked-out score anyway
+(torch's CPU flash kernel skips no tile for an explicit mask, and at these lengths none for
+is_causal either), so the cost is 3L² scores whatever the block size.
+
+Here the queries are cut into chunks of C rows (C a multiple of B) and each chunk is one call of
+torch's CPU flash-attention kernel over exactly the keys it can see, plus its own tile:
+    x_t chunk j (rows jC .. jC+C-1):  keys [x_0 rows 0 .. jC+C-1 ; x_t rows jC .. jC+C-1]
+        mask: x_0 keys of strictly earlier blocks, x_t keys of the same block
+    x_0 chunk j:                      keys  x_0 rows 0 .. jC+C-1
+        mask: x_0 keys of the same or earlier blocks
+(When a chunk is a single block, C = B, its x_t rows see no x_0 row of the chunk, and the x_0
+tile is left out.) The x_t chunk's keys are gathered into one buffer (2C new rows per chunk),
+the x_0 chunk's keys are a prefix of the x_0 keys (a view). Work: L² + 2·C·L scores per head
+instead of 3L² (0.375 of it at L = 512, C = 32), falling towards 1/3 with L; the shapes, hence
+the cost, are the same for every B < C: only the mask values depend on B.
+
+Each row's softmax runs over all of its keys in one kernel call, so the result is the dense
+masked attention up to summation order. The backward calls the kernel's own backward per chunk
+with the forward's output and log-sum-exp, writes dq per chunk and accumulates dk/dv into their
+x_0 / x_t rows (no autograd slicing, so no full-size zero fills per slice).
+
+With `x_t_only`, only the x_t queries are given and computed (the last layer of a training
+forward: nothing reads the x_0 half's final hidden states).
+
+No attention dropout: the caller falls back to SDPA with the dense mask when it needs dropout.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+# torch's CPU flash-attention kernel and its backward (what F.scaled_dot_product_attention
+# dispatches to on CPU), called directly for the log-sum-exp and the per-chunk backward.
+_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+# Query rows per kernel call, C (rounded up to a multiple of B). Smaller chunks skip more masked
+# work (about C·L scores per stream) but each call has a fixed cost, and the kernel runs
+# markedly slower when the key count is not a multiple of 16. 32 rows keep every call aligned
+# and the kernel within a few per cent of its one-call throughput on the CPU machines
+# (docs/bench/vs-reference.md).
+TARGET_CHUNK_ROWS = 32
+
+
+def chunk_rows(seq_length: int, block_size: int) -> int:
+    """C for (L, B): the smallest multiple of B that is >= TARGET_CHUNK_ROWS, at most L."""
+    return min(seq_length, block_size * max(1, -(-TARGET_CHUNK_ROWS // block_size)))
+
+
+def _visible_x_0_tile(rows: int, block_size: int) -> int:
+    """x_0 rows of its own chunk that an x_t chunk of `rows` rows gathers: all of them (the
+    blocks its rows may not see are masked), none when the chunk is a single block."""
+    return 0 if rows == block_size else rows
+
+
+def supports(query: Tensor) -> bool:
+    """Whether this path can run: CPU tensors of a dtype the CPU flash kernel takes."""
+    return query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=32)
+def _chunks(
+    seq_length: int, block_size: int, chunk: int, dtype: torch.dtype
+) -> tuple[tuple[int, int, Tensor, Tensor], ...]:
+    """(start, rows, x_t mask, x_0 mask) per chunk; additive masks, 0 = may attend, -inf = not.
+
+    x_t chunk at `start` with `rows` queries: [rows, start + tile + rows] over the keys
+    [x_0 rows 0 .. start+tile-1 ; own x_t rows] (tile = _visible_x_0_tile); x_0 chunk:
+    [rows, start + rows] over the x_0 prefix. Only the chunk's own tiles hold -inf."""
+    neg_inf = torch.tensor(float("-inf"), dtype=dtype)
+    zero = torch.tensor(0.0, dtype=dtype)
+    chunks = []
+    for start in range(0, seq_length, chunk):
+        rows = min(chunk, seq_length - start)
+        block = torch.arange(rows) // block_size  # block of each row within the chunk
+        # x_t rows see the chunk's x_0 rows of strictly earlier blocks only.
+        tile = block[: _visible_x_0_tile(rows, block_size)]
+        strictly_earlier = torch.where(tile[None, :] < block[:, None], zero, neg_inf)
+        own_block = torch.where(block[None, :] == block[:, None], zero, neg_inf)
+        same_or_earlier = torch.where(block[None, :] <= block[:, None], zero, neg_inf)
+        prefix = torch.zeros(rows, start, dtype=dtype)
+        x_t_mask = torch.cat([prefix, strictly_earlier, own_block], dim=1).contiguous()
+        x_0_mask = torch.cat([prefix, same_or_earlier], dim=1).contiguous()
+        chunks.append((start, rows, x_t_mask, x_0_mask))
+    return tuple(chunks)
+
+
+def _bhsd(x: Tensor) -> Tensor:
+    """[s, b, heads, d] -> the [b, heads, s, d] view the kernel takes (no copy)."""
+    return x.permute(1, 2, 0, 3)
+
+
+class _BlockDiffusionAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, seq_length, block_size, chunk, scale):
+        L = seq_length
+        chunks = _chunks(L, block_size, chunk, query.dtype)
+        out = query.new_empty(query.shape)  # [sq, b, np, hn]
+        q, k, v = _bhsd(query), _bhsd(key), _bhsd(value)
+        lse = []
+        keys, values = _KeyBuffer(key, L, block_size), _KeyBuffer(value, L, block_size)
+        for start, rows, x_t_mask, _ in chunks:
+            span = slice(start, start + rows)
+            o, lse_chunk = _flash_forward(
+                q[:, :, span], keys.for_chunk(start, rows), values.for_chunk(start, rows),
+                0.0, False, attn_mask=x_t_mask, scale=scale,
+            )
+            out[span] = o.permute(2, 0, 1, 3)
+            lse.append(lse_chunk)
+        if query.size(0) == 2 * L:
+            for start, rows, _, x_0_mask in chunks:
+                span, visible = slice(L + start, L + start + rows), slice(L, L + start + rows)
+                o, lse_chunk = _flash_forward(
+                    q[:, :, span], k[:, :, visible], v[:, :, visible], 0.0, False,
+                    attn_mask=x_0_mask, scale=scale,
+                )
+                out[span] = o.permute(2, 0, 1, 3)
+                lse.append(lse_chunk)
+        ctx.save_for_backward(query, key, value, out, *lse)
+        ctx.settings = (L, block_size, chunk, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, *lse = ctx.saved_tensors
+        L, block_size, chunk, scale = ctx.settings
+        chunks = _chunks(L, block_size, chunk, query.dtype)
+        q, k, v, o, g = (_bhsd(t) for t in (query, key, value, out, grad_out.contiguous()))
+        d_query = torch.empty_like(query)
+        d_key, d_value = torch.zeros_like(key), torch.zeros_like(value)
+        keys, values = _KeyBuffer(key, L, block_size), _KeyBuffer(value, L, block_size)
+        for i, (start, rows, x_t_mask, _) in enumerate(chunks):
+            span = slice(start, start + rows)
+            dq, dk, dv = _flash_backward(
+                g[:, :, span], q[:, :, span], keys.for_chunk(start, rows),
+                values.for_chunk(start, rows), o[:, :, span], lse[i], 0.0, False,
+                attn_mask=x_t_mask, scale=scale,
+            )
+            d_query[span] = dq.permute(2, 0, 1, 3)
+            keys.scatter_add(d_key, dk, start, rows)
+            values.scatter_add(d_value, dv, start, rows)
+        if query.size(0) == 2 * L:
+            for i, (start, rows, _, x_0_mask) in enumerate(chunks, start=len(chunks)):
+                span, visible = slice(L + start, L + start + rows), slice(L, L + start + rows)
+                dq, dk, dv = _flash_backward(
+                    g[:, :, span], q[:, :, span], k[:, :, visible], v[:, :, visible],
+                    o[:, :, span], lse[i], 0.0, False, attn_mask=x_0_mask, scale=scale,
+                )
+                d_query[span] = dq.permute(2, 0, 1, 3)
+                d_key[visible] += dk.permute(2, 0, 1, 3)
+                d_value[visible] += dv.permute(2, 0, 1, 3)
+        return d_query, d_key, d_value, None, None, None, None
+
+
+class _KeyBuffer:
+    """Keys (or values) of the x_t chunk at rows [start, start + rows): x_0 rows 0 .. start +
+    tile - 1, then the chunk's own x_t rows (tile = _visible_x_0_tile). One buffer serves every
+    chunk in order: the x_0 prefix only grows, so moving on writes the new x_0 rows over the
+    previous x_t rows and the new x_t rows after them."""
+
+    def __init__(self, source: Tensor, seq_length: int, block_size: int) -> None:
+        self.source, self.L, self.B = source, seq_length, block_size  # source [2L, b, np, hn]
+        self.buffer = torch.empty_like(source)  # at most L x_0 rows + one x_t chunk
+        self.filled = 0  # x_0 rows already in the buffer
+
+    def for_chunk(self, start: int, rows: int) -> Tensor:
+        L = self.L
+        clean = start + _visible_x_0_tile(rows, self.B)  # x_0 rows gathered for this chunk
+        if clean > self.filled:
+            self.buffer[self.filled : clean] = self.source[L + self.filled : L + clean]
+            self.filled = clean
+        self.buffer[clean : clean + rows] = self.source[start : start + rows]
+        return _bhsd(self.buffer[: clean + rows])
+
+    def scatter_add(self, grad_source: Tensor, grad_keys: Tensor, start: int, rows: int) -> None:
+        """Add the kernel's [b, np, keys, hn] key gradient of a chunk to its x_0 and x_t rows."""
+        L = self.L
+        clean = start + _visible_x_0_tile(rows, self.B)
+        grad_keys = grad_keys.permute(2, 0, 1, 3)  # [keys, b, np, hn]
+        if clean:
+            grad_source[L : L + clean] += grad_keys[:clean]
+        grad_source[start : start + rows] += grad_keys[clean:]
+
+
+def block_diffusion_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    seq_length: int,
+    block_size: int,
+    softmax_scale: float,
+    chunk: int | None = None,
+) -> Tensor:
+    """The BD3 training attention of [x_t ; x_0] (method doc §1.1), block-structured.
+
+    Args:
+        query: [2L, b, np, hn] (both streams), or [L, b, np, hn] for the x_t queries only.
+        key, value: [2L, b, np, hn] (kv heads already expanded to the query heads).
+        seq_length, block_size: L and B.
+        softmax_scale: the score scale (1/sqrt(hn) by default in the caller).
+        chunk: query rows per kernel call (default chunk_rows(L, B)).
+
+    Returns:
+        [sq, b, np, hn] attention output in the query's row order.
+    """
+    L = seq_length
+    if key.size(0) != 2 * L or value.size(0) != 2 * L or query.size(0) not in (L, 2 * L):
+        raise ValueError(
+            f"block_diffusion_attention needs 2L = {2 * L} keys/values and L or 2L queries; got "
+            f"{query.size(0)} queries, {key.size(0)} keys, {value.size(0)} values"
+        )
+    chunk = chunk or chunk_rows(L, block_size)
+    if chunk % block_size:
+        raise ValueError(f"chunk {chunk} must be a multiple of block_size {block_size}")
+    return _BlockDiffusionAttention.apply(
+        query, key, value, L, block_size, chunk, softmax_scale
+    )

@@ -427,7 +427,9 @@ class BD3Network(nn.Module):
             raise ValueError(f"attn_mask covers {attn_mask.shape[-1]} slots but the cache holds "
                              f"{cache.capacity}")
         write = _CacheWrite(cache, slots, attn_mask.shape[-1])
-        return self._run(tokens, positions, attn_mask, write, query_index)
+        # Most sampling calls see every cached slot; SDPA is ~20% faster without a mask.
+        mask = None if bool(attn_mask.all()) else attn_mask
+        return self._run(tokens, positions, mask, write, query_index)
 
     # ------------------------------------------------------------------ persistence
     def num_parameters(self) -> int:

@@ -248,7 +248,8 @@ class BD3Model(LanguageModule):
         positions: Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> Tensor:
-        """One stream of n tokens under an explicit mask: logits [b, n, vocab_size] (gathered).
+        """One stream of n tokens under an explicit mask: logits [b, n, vocab_size] (gathered; at
+        TP = 1 a transposed view of the output layer's [n, b, V], not copied).
 
         Used for evaluation and sampling. Without a cache this is prefix recomputation: the
         window [clean prefix ; noisy block] under megatron_bd3.diffusion.sampling_mask gives the
@@ -432,10 +433,12 @@ class BD3Model(LanguageModule):
         return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
 
     def _gather_vocab(self, logits: Tensor) -> Tensor:
-        """[..., V/tp] vocab-parallel -> [..., vocab_size] full (padding cut off)."""
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(
-            logits.contiguous(), group=self.tp_group
-        )
+        """[..., V/tp] vocab-parallel -> [..., vocab_size] full (padding cut off). At TP = 1 a
+        view of the input (no copy of the [.., V] logits, which may be a transposed view)."""
+        if self.config.tensor_model_parallel_size > 1:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(
+                logits.contiguous(), group=self.tp_group
+            )
         return logits[..., : self.vocab_size]
 
     def _require_single_stage(self, what: str) -> None:

@@ -186,12 +186,16 @@ def ar_forward_step(data_iterator, model):
     x_0 = next(data_iterator)["x_0"]
     b, L = x_0.shape
     logits = model.forward_inference(x_0, causal_attention_mask(L, x_0.device))  # [b, L, V]
+    # forward_inference's [b, L, V] is a transposed view of the output layer's [L, b, V]:
+    # take the cross-entropy in that order, so the logits are not copied.
+    logits = logits.transpose(0, 1)  # [L, b, V], contiguous
     # Position i predicts token i+1; the last position has no target (weight 0 below).
-    targets = torch.cat([x_0[:, 1:], x_0[:, :1]], dim=1)
-    nll = F.cross_entropy(logits.reshape(b * L, -1), targets.reshape(-1), reduction="none")
+    targets = torch.cat([x_0[:, 1:], x_0[:, :1]], dim=1).t()  # [L, b]
+    nll = F.cross_entropy(logits.reshape(L * b, -1), targets.reshape(-1), reduction="none")
+    nll = nll.view(L, b).t()  # [b, L]
     loss_mask = torch.ones(b, L)
     loss_mask[:, -1] = 0.0
-    return nll.view(b, L) * loss_mask, partial(loss_func, loss_mask)
+    return nll * loss_mask, partial(loss_func, loss_mask)
 
 
 class _Clock:

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet() -> None:
+def quiet_conversion_notices() -> None:
     """Silence import-time and deprecation notices that say nothing about the conversion."""
     for message in (".*Transformer Engine and Apex are not installed.*",
                     ".*Apex is not installed.*", ".*full scope is deprecated.*",
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate(parser, args)
-    _quiet()
+    quiet_conversion_notices()
     from megatron_bd3.convert.weights import MappingError
 
     errors: tuple[type[BaseException], ...] = (MappingError, ValueError, OSError)

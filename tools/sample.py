@@ -1,6 +1,7 @@
-"""bd3-sample: generate text from a standalone BD3-LM directory, torch only.
+"""bd3-sample: generate text from a standalone BD3-LM directory (torch only) or a checkpoint.
 
     bd3-sample MODEL_DIR --num-samples 8 --length 256 --batch-size 8 --output samples.jsonl
+    bd3-sample --checkpoint RUN_OR_CKPT_DIR [--raw-weights] [--save-standalone DIR] ...
 
 MODEL_DIR holds ``config.json`` + ``model.safetensors`` (megatron_bd3.standalone) and optionally a
 tokenizer (``bd3_tokenizer.json`` with its model file, in MODEL_DIR or MODEL_DIR/tokenizer, or
@@ -8,6 +9,14 @@ tokenizer (``bd3_tokenizer.json`` with its model file, in MODEL_DIR or MODEL_DIR
 ``--seed + i``, so the output does not depend on ``--batch-size``. Each JSONL line holds: index,
 seed, text, token_ids (prompt included), prompt_length, num_tokens, num_generated, nfe,
 stop_reason, seconds (from the start of its batch to its end).
+
+``--checkpoint`` takes a trainer checkpoint instead (a step_XXXXXXXX directory, a checkpoint root
+or a run directory, as ``bd3-convert --checkpoint``): it is converted by bd3-convert's own
+converter, parity check included (a failed check exits 1 without sampling), into a temporary
+directory (or ``--save-standalone DIR``), which is then sampled exactly like a MODEL_DIR. EMA
+weights when the run kept them, else ``--raw-weights``; ``--tokenizer`` is then checked against
+the one the run trained with. Only this option imports megatron-core; sampling a MODEL_DIR needs
+torch alone.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +38,20 @@ TOKENIZER_MARKERS = ("bd3_tokenizer.json",)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bd3-sample", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_dir", type=Path, help="standalone model directory")
+    parser.add_argument("model_dir", type=Path, nargs="?", default=None,
+                        help="standalone model directory (or --checkpoint)")
+    ckpt = parser.add_argument_group("sampling a trainer checkpoint (imports megatron-core)")
+    ckpt.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
+                      help="trainer checkpoint instead of MODEL_DIR: step dir, checkpoint root or "
+                           "run dir; converted as by bd3-convert (parity check included)")
+    ckpt.add_argument("--raw-weights", action="store_true",
+                      help="sample the raw training weights instead of the EMA weights")
+    ckpt.add_argument("--save-standalone", type=Path, default=None, metavar="DIR",
+                      help="keep the converted standalone directory here (must not exist or be "
+                           "empty); default: a temporary directory, removed after loading")
+    ckpt.add_argument("--parity-tolerance", type=float, default=None, metavar="T",
+                      help="bound of the conversion's parity check, as bd3-convert --tolerance "
+                           "(default: bd3-convert's)")
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--length", type=int, default=None,
                         help="total tokens per sample, prompt included (default: the model's "
@@ -57,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window-refresh", action="store_true",
                         help="past seq_length, recompute the cached window when it slides")
     parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="tokenizer directory or file (default: found in MODEL_DIR)")
+                        help="tokenizer directory or file (default: found in MODEL_DIR; with "
+                             "--checkpoint, the run's)")
     parser.add_argument("--output", type=Path, default=None, help="write samples as JSONL")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="network weights/activations (sampling math stays float64)")
@@ -85,23 +109,103 @@ def find_tokenizer(model_dir: Path, explicit: Path | None):
     return load_tokenizer(path)
 
 
+def _validate_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exactly one of MODEL_DIR and --checkpoint; the checkpoint-only options need the latter."""
+    if args.model_dir is not None and args.checkpoint is not None:
+        parser.error(f"give either MODEL_DIR ({args.model_dir}) or --checkpoint "
+                     f"({args.checkpoint}), not both")
+    if args.model_dir is None and args.checkpoint is None:
+        parser.error("give a standalone MODEL_DIR or --checkpoint RUN_OR_CKPT_DIR")
+    if args.checkpoint is None:
+        for flag, value in (("--raw-weights", args.raw_weights),
+                            ("--save-standalone", args.save_standalone)):
+            if value:
+                parser.error(f"{flag} only applies to --checkpoint")
+        if args.parity_tolerance is not None:
+            parser.error("--parity-tolerance only applies to --checkpoint")
+        return
+    if args.parity_tolerance is not None and not args.parity_tolerance > 0:
+        parser.error(f"--parity-tolerance must be > 0, got {args.parity_tolerance}")
+    if not args.checkpoint.exists():
+        parser.error(f"--checkpoint {args.checkpoint} does not exist (give a step_XXXXXXXX "
+                     "directory, a checkpoint root or a run directory)")
+    keep = args.save_standalone
+    if keep is not None and keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
+        parser.error(f"--save-standalone {keep} exists and is not an empty directory; "
+                     "choose another one")
+
+
+def convert_checkpoint(checkpoint: Path, output_dir: Path, raw_weights: bool = False,
+                       tokenizer: Path | None = None, tolerance: float | None = None) -> str:
+    """Convert a trainer checkpoint into the standalone directory `output_dir` with the
+    converter bd3-convert uses (parity check included); returns its report.
+
+    Imports megatron-core, so it is only imported here, for --checkpoint: sampling a standalone
+    directory must not need it. Raises what checkpoint_to_standalone raises (CheckpointError,
+    MappingError, ValueError, OSError; ParityError when the check fails)."""
+    from megatron_bd3.convert.parity import DEFAULT_TOLERANCE
+    from megatron_bd3.convert.trainer_checkpoint import checkpoint_to_standalone
+    from tools.convert import quiet_conversion_notices
+
+    quiet_conversion_notices()
+    result = checkpoint_to_standalone(
+        checkpoint, output_dir, use_ema=False if raw_weights else None, tokenizer=tokenizer,
+        tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance)
+    return result.describe()
+
+
+def _load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """(network, tokenizer) converted from --checkpoint; exits 1 when the parity check fails
+    and 2 on bad input, naming the checkpoint."""
+    from megatron_bd3.checkpoint import CheckpointError
+    from megatron_bd3.convert import MappingError, ParityError
+
+    with tempfile.TemporaryDirectory(prefix="bd3-sample-") as tmp:
+        model_dir = args.save_standalone or Path(tmp) / "standalone"
+        try:
+            report = convert_checkpoint(args.checkpoint, model_dir, args.raw_weights,
+                                        args.tokenizer, args.parity_tolerance)
+        except ParityError as error:
+            print(f"bd3-sample: {error}; not sampling", file=sys.stderr)
+            sys.exit(1)
+        except (CheckpointError, MappingError, ValueError, OSError) as error:
+            parser.error(f"--checkpoint {args.checkpoint}: {error}")
+        print(f"bd3-sample: {report}", file=sys.stderr)
+        if args.save_standalone is None:
+            print("bd3-sample: the converted directory is temporary (--save-standalone DIR "
+                  "keeps it)", file=sys.stderr)
+        # loaded as any MODEL_DIR is; the tokenizer now sits in model_dir
+        return _load_standalone(parser, model_dir, args)
+
+
+def _load_standalone(parser: argparse.ArgumentParser, model_dir: Path,
+                     args: argparse.Namespace):
+    """(network, tokenizer or None) of a standalone directory; exits 2 on bad input."""
+    try:
+        network = BD3Network.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    try:
+        tokenizer = find_tokenizer(model_dir, args.tokenizer)
+    except (OSError, ValueError) as error:
+        parser.error(f"cannot load the tokenizer: {error}")
+    return network, tokenizer
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _validate_inputs(parser, args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    try:
-        network = BD3Network.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype))
-    except (OSError, ValueError) as error:
-        parser.error(str(error))
+    if args.checkpoint is not None:
+        network, tokenizer = _load_checkpoint(parser, args)
+    else:
+        network, tokenizer = _load_standalone(parser, args.model_dir, args)
     config = network.config
-    try:
-        tokenizer = find_tokenizer(args.model_dir, args.tokenizer)
-    except (OSError, ValueError) as error:
-        parser.error(f"cannot load the tokenizer: {error}")
     length = args.length if args.length is not None else config.seq_length
 
     prompt: list[int] = []

@@ -29,7 +29,7 @@ from tests.model.helpers import (
     reference_bd3_mask,
     tiny_overrides,
 )
-from tests.model.reference_dit import fold_into_megatron, random_reference_weights, reference_logits
+from tests.reference_dit import fold_into_megatron, random_reference_weights, reference_forward
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 EXACT = dict(atol=1e-6, rtol=0.0)
@@ -43,15 +43,17 @@ def build(seed: int = 0, config: BD3Config | None = None, **extra) -> BD3Model:
 def test_reference_weights_load_exactly(single_rank):
     heads, layers = 4, 2
     model = build()
-    ref = random_reference_weights(VOCAB_SIZE, 32, layers, seed=3)
-    folded = fold_into_megatron(ref, heads, layers, model.padded_vocab_size)
+    ref_cfg = {"hidden_dim": 32, "vocab_size": VOCAB_SIZE, "cond_dim": 16, "n_blocks": layers,
+               "n_heads": heads}
+    ref = random_reference_weights(ref_cfg, seed=3, scale=0.2)
+    folded = fold_into_megatron(ref, ref_cfg, model.padded_vocab_size)
     result = model.load_state_dict(folded, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     batch = random_batch(2, seed=5)
     tokens = torch.cat([batch["x_t"], batch["x_0"]], dim=1)
     positions = torch.arange(SEQ_LENGTH).repeat(2)
-    expected = reference_logits(
-        ref, tokens, positions, reference_bd3_mask(SEQ_LENGTH, BLOCK_SIZE), heads, layers
+    expected = reference_forward(
+        ref, ref_cfg, tokens, positions, reference_bd3_mask(SEQ_LENGTH, BLOCK_SIZE)
     )[:, :SEQ_LENGTH]
     with torch.no_grad():
         logits = model.forward_logits(batch["x_t"], batch["x_0"])

@@ -1,5 +1,5 @@
 """Import/export of the reference BD3LM weight layout, checked against an independent reference
-forward (tests/standalone/reference_dit.py)."""
+forward (tests/reference_dit.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from megatron_bd3.standalone.reference_format import (
     load_reference,
     save_reference,
 )
-from tests.standalone.helpers import tiny_network
-from tests.standalone.reference_dit import (
+from tests.reference_dit import (
     random_reference_weights,
     reference_training_logits,
 )
+from tests.standalone.helpers import tiny_network
 
 REF_CONFIG = {
     "model_type": "bd3lm", "block_size": 4, "vocab_size": 48, "model_length": 16,

@@ -150,3 +150,40 @@ def test_cached_pass_equals_full_pass():
         out = network.forward_cached(tokens[:, 4 * B:], positions, cache, positions, mask, rows)
         torch.testing.assert_close(out, full[:, 4 * B:].gather(
             1, rows[..., None].expand(-1, -1, 64)), atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_cache_write_scattered_slots_equal_shared_slots():
+    """Rows writing different slots (scattered write) give the same logits and cached keys and
+    values as rows writing one shared run of slots (slice write)."""
+    network = tiny_network(seed=6)
+    B = 4
+    tokens = torch.randint(0, 64, (2, B))
+    positions = torch.arange(B).expand(2, -1)
+    with torch.no_grad():
+        shared = KVCache(network.config, 2, capacity=2 * B)
+        mask = torch.ones(2, B, B, dtype=torch.bool)
+        out_shared = network.forward_cached(tokens, positions, shared, positions, mask)
+        scattered = KVCache(network.config, 2, capacity=2 * B)
+        slots = torch.stack([torch.arange(B), torch.arange(B, 2 * B)])  # row 1 one block later
+        mask = torch.stack([torch.arange(2 * B) < B, torch.arange(2 * B) >= B])[:, None, :]
+        out_scattered = network.forward_cached(tokens, positions, scattered, slots,
+                                               mask.expand(2, B, 2 * B))
+    torch.testing.assert_close(out_scattered, out_shared, atol=TOLERANCE, rtol=TOLERANCE)
+    for layer in range(network.config.num_layers):
+        for store_s, store_x in ((shared.keys, scattered.keys), (shared.values, scattered.values)):
+            torch.testing.assert_close(store_x[layer][0, :, :B], store_s[layer][0, :, :B])
+            torch.testing.assert_close(store_x[layer][1, :, B:], store_s[layer][1, :, :B])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gelu_tanh_is_the_tanh_approximation(dtype):
+    """The MLP's GELU equals 0.5·x·(1 + tanh(sqrt(2/π)(x + 0.044715x³))), value and gradient."""
+    from megatron_bd3.standalone.model import gelu_tanh
+
+    x64 = torch.linspace(-12, 12, 4001, dtype=torch.float64)
+    expected = 0.5 * x64 * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x64 + 0.044715 * x64**3)))
+    got = gelu_tanh(x64.to(dtype)).double()
+    atol = {torch.float32: 2e-6, torch.float64: 1e-12, torch.bfloat16: 0.1}[dtype]
+    torch.testing.assert_close(got, expected, atol=atol, rtol=atol if dtype != torch.bfloat16 else 1e-2)
+    x = x64.clone().requires_grad_(True)
+    torch.autograd.gradcheck(gelu_tanh, (x[::40],))

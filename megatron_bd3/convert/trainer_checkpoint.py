@@ -103,9 +103,12 @@ def model_config_for_conversion(run_config, vocab_size: int, mask_token_id: int)
 
 def _build_model(model_config):
     from megatron_bd3.model import build_bd3_model
+    from megatron_bd3.parallel import current_device
 
     model = build_bd3_model(model_config, pre_process=True, post_process=True)
-    return model.eval()
+    # Whole module on this rank's device, as the trainer does: megatron creates its linear
+    # layers on the GPU but the torch LayerNorm leaves on the CPU.
+    return model.to(current_device()).eval()
 
 
 def _locate(text: str | None) -> Path | None:

@@ -22,6 +22,7 @@ from megatron_bd3.parallel.kernels import (
 from megatron_bd3.parallel.runtime import (
     ParallelConfig,
     ParallelInfo,
+    all_reduce_host,
     current_device,
     destroy_parallel,
     initialize_parallel,
@@ -33,6 +34,7 @@ __all__ = [
     "ApexConflictError",
     "ParallelConfig",
     "ParallelInfo",
+    "all_reduce_host",
     "apply_cpu_compat",
     "check_apex",
     "cpu_compat_active",

@@ -213,6 +213,25 @@ def current_device() -> torch.device:
     return torch.device("cpu")
 
 
+def all_reduce_host(
+    tensor: torch.Tensor,
+    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """All-reduce a small host-side tensor (loss sums, token counts, statistics) in place.
+
+    NCCL reduces only GPU tensors, gloo any: under NCCL the tensor travels through this rank's
+    GPU and comes back, so callers keep their bookkeeping on the CPU under every backend.
+    """
+    if dist.get_backend(group) == "nccl" and tensor.device.type != "cuda":
+        moved = tensor.to(current_device())
+        dist.all_reduce(moved, op=op, group=group)
+        tensor.copy_(moved.to(tensor.device))
+    else:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
 def parallel_info() -> ParallelInfo | None:
     """The layout from the last `initialize_parallel`, or None when not initialized."""
     return _INFO

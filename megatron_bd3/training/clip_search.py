@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megatron_bd3.parallel.runtime import all_reduce_host
+
 
 @dataclass
 class ClipSearchAccumulator:
@@ -61,7 +63,7 @@ class ClipSearchAccumulator:
         # [num_candidates, num_batches, 3]
         table = torch.stack([torch.stack(self._stats[i]) for i in range(len(self.candidates))])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+            all_reduce_host(table, dist.ReduceOp.SUM, group)
         n, s1, s2 = table.unbind(-1)
         if bool((n < 2).any()):
             raise ValueError("clip search needs at least 2 (sequence, block) entries per batch")

@@ -188,6 +188,8 @@ class LoggingConfig:
     # Peak FLOP/s of one device for MFU. None -> a documented default (see flops.py).
     peak_flops_per_device: Optional[float] = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # [start, end]: steps start..end-1 run under torch.profiler; traces in <run dir>/profile.
+    profile_steps: Optional[list[int]] = None
 
 
 @dataclass

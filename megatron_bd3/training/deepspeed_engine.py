@@ -203,6 +203,7 @@ def resolve_deepspeed_config(
     torch_adam: bool,
     overrides: dict[str, Any] | None = None,
     source: str = "deepspeed config",
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """The JSON completed with the run's values (what is passed to `deepspeed.initialize`).
 
@@ -264,6 +265,10 @@ def resolve_deepspeed_config(
     # otherwise insists on its JIT-built CPUAdam for offload.
     if offloads_optimizer(config) and torch_adam:
         config["zero_force_ds_cpu_optimizer"] = False
+    # On a GPU, torch's AdamW runs its fused CUDA kernel (one launch for all parameters; DeepSpeed
+    # passes unknown optimizer params through to torch.optim.AdamW). Offloaded states stay on CPU.
+    if torch_adam and device == "cuda" and not offloads_optimizer(config):
+        config["optimizer"]["params"]["fused"] = True
     return config
 
 

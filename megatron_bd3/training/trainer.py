@@ -22,7 +22,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_bd3.parallel.runtime import all_reduce_host
 from megatron_bd3.training.config import RunConfig, dump_config
+from megatron_bd3.training.profiling import StepProfiler
 
 logger = logging.getLogger("megatron_bd3.train")
 
@@ -392,6 +394,7 @@ class Trainer:
             torch_adam=resolve_torch_adam(cfg, self.machine),
             overrides=cfg.deepspeed.overrides,
             source=str(self.ds_path),
+            device=self.device_type,
         )
         return build_deepspeed_engine(
             self.chunks, self.ds_config, pipeline_parallel_size=self.layout.pp
@@ -458,6 +461,11 @@ class Trainer:
             wandb_entity=cfg.logging.wandb.entity,
             config_dict=cfg.to_dict(),
         )
+        window = cfg.logging.profile_steps
+        if window is not None and len(window) != 2:
+            raise ValueError(f"logging.profile_steps {window} must be [start, end]")
+        self.profiler = StepProfiler(tuple(window) if window else None, cfg.run_dir / "profile",
+                                     self.layout.rank, self.device_type)
         if self.layout.rank == 0:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -504,7 +512,7 @@ class Trainer:
             for report in reports:
                 total += report["lm loss"].double().cpu()
         if dist.is_initialized():
-            dist.all_reduce(total)
+            all_reduce_host(total)
         return float(total[0]), float(total[1])
 
     def _validate(self) -> dict[str, Any]:
@@ -616,6 +624,7 @@ class Trainer:
             self._pending_rng = None
         while self.step < t.train_iters:
             lr = lr_from_config(self.step, cfg.optimizer, cfg.schedule, t.train_iters)
+            self.profiler.before_step(self.step + 1)
             microbatches = self._microbatches(iterator)
             reports, grad_norm = train_step(
                 self.stepper,
@@ -631,6 +640,7 @@ class Trainer:
             loss_sum, count = self._reduce_loss(reports)
             last_loss = loss_sum / max(count, 1.0)
             self.step += 1
+            self.profiler.after_step(self.step)
             steps_this_run += 1
             window_steps += 1
             total_tokens += tokens_per_step

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bd3.diffusion import ClipRange, clip_search_grid
+from megatron_bd3.parallel.runtime import all_reduce_host
 from megatron_bd3.training.batches import NoiseSettings, make_batch
 from megatron_bd3.training.clip_search import ClipSearchAccumulator, select_clip_range
 from megatron_bd3.training.step import eval_step
@@ -138,7 +139,7 @@ def run_validation(
         batches += 1
         index += 1
     if dist.is_initialized():
-        dist.all_reduce(total)
+        all_reduce_host(total)
     nll = float(total[0] / total[1]) if total[1] > 0 else math.nan
     out: dict[str, Any] = {
         "nll": nll,

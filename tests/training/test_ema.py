@@ -52,3 +52,28 @@ def test_swap_in_restores_training_weights_and_state_dict_round_trips():
     wrong = ExponentialMovingAverage(torch.nn.Linear(3, 2).named_parameters(), decay=0.9)
     with pytest.raises(ValueError, match="shape"):
         wrong.load_state_dict(ema.state_dict())
+
+
+def test_grouped_update_equals_the_per_parameter_formula_exactly():
+    """The multi-tensor update over groups (more parameters than one group; fp32 and bf16
+    weights) gives bit-identical shadows to shadow -= (1 - d) * (shadow - p), one by one."""
+    from megatron_bd3.training.ema import ExponentialMovingAverage, warmup_decay
+
+    generator = torch.Generator().manual_seed(0)
+    params = [
+        (f"p{i}", torch.nn.Parameter(torch.randn(3 + i % 5, 4, generator=generator).to(
+            torch.bfloat16 if i % 3 == 0 else torch.float32)))
+        for i in range(70)
+    ]
+    ema = ExponentialMovingAverage(params, decay=0.99)
+    expected = {name: p.detach().float().clone() for name, p in params}
+    for update in range(1, 4):
+        with torch.no_grad():
+            for _, p in params:
+                p.add_(torch.randn(p.shape, generator=generator).to(p.dtype))
+        ema.update()
+        d = warmup_decay(0.99, update)
+        for name, p in params:
+            expected[name].sub_((1.0 - d) * (expected[name] - p.detach().float()))
+    for name, _ in params:
+        assert torch.equal(ema.shadow[name], expected[name]), name

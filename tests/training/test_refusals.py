@@ -7,7 +7,12 @@ import pytest
 
 from megatron_bd3.training.config import ConfigError, load_config
 from megatron_bd3.training.deepspeed_engine import load_deepspeed_json, resolve_deepspeed_config
-from megatron_bd3.training.optimizer import Machine, check_combination, resolve_precision
+from megatron_bd3.training.optimizer import (
+    Machine,
+    check_combination,
+    resolve_precision,
+    resolve_torch_adam,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = Machine("cpu", bf16_supported=True)
@@ -197,3 +202,23 @@ def test_resolved_deepspeed_config_always_has_explicit_clipping_and_yaml_values(
             precision="fp32",
             torch_adam=True,
         )
+
+
+def test_torch_adam_is_the_default_and_runs_fused_on_gpu():
+    """No JIT-built optimizer by default: torch AdamW on CPU and GPU, with torch's fused CUDA
+    kernel on a GPU unless the optimizer states are offloaded to CPU."""
+    assert resolve_torch_adam(cfg(), CPU) is True
+    assert resolve_torch_adam(cfg(), GPU) is True
+    assert resolve_torch_adam(cfg("optimizer.torch_adam=false"), GPU) is False
+
+    def resolved(json_name: str, device: str, torch_adam: bool = True) -> dict:
+        return resolve_deepspeed_config(
+            ds(json_name), micro_batch_size=1, gradient_accumulation_steps=1,
+            data_parallel_size=1, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+            clip_grad=1.0, precision="bf16" if device == "cuda" else "fp32",
+            torch_adam=torch_adam, device=device)["optimizer"]["params"]
+
+    assert resolved("zero1.json", "cuda")["fused"] is True
+    assert "fused" not in resolved("zero1.json", "cpu")
+    assert "fused" not in resolved("zero2_offload.json", "cuda")
+    assert "fused" not in resolved("zero1.json", "cuda", torch_adam=False)

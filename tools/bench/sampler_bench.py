@@ -14,9 +14,11 @@ starts from BOS (as the reference), so "tokens" counts the generated ones (lengt
 are the median of ``--repeats`` runs after one warm-up (no-cache runs longer than a minute: one
 run). The load average and the process CPU time are recorded because the machine is shared.
 
-On a shared machine run it with ``OMP_WAIT_POLICY=PASSIVE`` (or ``--threads 1``): with the default
-spinning OpenMP threads, two torch threads on two cores that another process also uses wait for
-a descheduled thread in every parallel region (measured: 80x slower than one thread).
+OpenMP: on a quiet machine keep the default (spinning) threads: passive ones pay a wake-up in
+each of a call's ~100 parallel regions (measured 1.4-1.8x slower). On a shared machine run with
+``OMP_WAIT_POLICY=PASSIVE`` or ``--threads 1``: spinning threads on cores another process also
+uses wait for a descheduled peer in every parallel region (measured: up to 80x slower).
+The last lines check the issue's targets (docs/bench/sampler.md).
 """
 
 from __future__ import annotations
@@ -122,6 +124,33 @@ def run_case(network: BD3Network, case: Case, repeats: int) -> dict:
     }
 
 
+# Issue targets against the reference's cached sampler (reference-bench.md: 45.6 tokens/s at
+# 256 tokens, batch 1, B = 16, first-hitting) and the KV cache's own speed-up.
+REFERENCE_TOKENS_PER_S = 45.6
+TARGETS = (
+    ("ref-256-b1-cache", 3 * REFERENCE_TOKENS_PER_S, "batch 1, 256 tokens"),
+    ("ref-256-b16-cache", 30 * REFERENCE_TOKENS_PER_S, "batch 16, 256 tokens, fp32"),
+    ("ref-256-b16-cache-bf16", 30 * REFERENCE_TOKENS_PER_S, "batch 16, 256 tokens, bf16"),
+)
+
+
+def check_targets(by_name: dict[str, dict]) -> list[str]:
+    """One line per target whose cases ran: measured vs required, met or not."""
+    lines = []
+    for name, required, what in TARGETS:
+        if name in by_name:
+            got = by_name[name]["tokens_per_s"]
+            lines.append(f"target {what}: {got:.0f} tok/s vs >= {required:.0f} "
+                         f"({got / REFERENCE_TOKENS_PER_S:.1f}x the reference's 45.6): "
+                         f"{'met' if got >= required else 'NOT met'}")
+    cached, uncached = by_name.get("30m-1024-b1-cache"), by_name.get("30m-1024-b1-nocache")
+    if cached and uncached:
+        ratio = uncached["seconds"] / cached["seconds"]
+        lines.append(f"target KV cache >= 8x no cache (30m, 1024 tokens): {ratio:.1f}x wall: "
+                     f"{'met' if ratio >= 8 else 'NOT met'}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -155,12 +184,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"KV cache speed-up, {model} at {length} tokens, batch 1: "
                   f"{uncached['seconds'] / cached['seconds']:.1f}x wall, "
                   f"{uncached['cpu_seconds'] / cached['cpu_seconds']:.1f}x CPU time")
+    targets = check_targets(by_name)
+    for line in targets:
+        print(line)
     if args.json:
         meta = {"torch": torch.__version__, "threads": args.threads,
                 "python": platform.python_version(), "machine": platform.machine(),
                 "parameters": {m: n.num_parameters() for m, n in networks.items()}}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+            json.dump({"meta": meta, "results": results, "targets": targets}, f, indent=2)
     return 0
 
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from megatron_bd3.parallel import (
     ParallelConfig,
+    all_reduce_host,
     cpu_compat_active,
     cpu_safe_config_overrides,
     destroy_parallel,
@@ -104,6 +105,10 @@ def check_layout(info, cfg: ParallelConfig) -> dict:
         value = torch.tensor([float(info.rank)])
         dist.all_reduce(value, group=group)
         assert value.item() == sum(want[name]), f"{name} all-reduce {value.item()} != {want[name]}"
+        # the host-side helper the trainer uses for loss sums: in place, float64, same result
+        host = torch.tensor([float(info.rank), 1.0], dtype=torch.float64)
+        assert all_reduce_host(host, group=group) is host
+        assert host.tolist() == [sum(want[name]), len(want[name])], f"{name}: {host.tolist()}"
     return want
 
 

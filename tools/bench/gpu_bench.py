@@ -152,6 +152,13 @@ def bench_attention(device: torch.device, lengths: list[int], batch: int, warmup
 # -- training step ------------------------------------------------------------------------------
 
 
+def compile_layers(model) -> None:
+    """torch.compile each transformer layer's forward (experiment: how much of the elementwise
+    tail a compiler fuses; flex attention inside is compiled either way)."""
+    for layer in model.decoder.layers:
+        layer.forward = torch.compile(layer.forward)
+
+
 def _model(preset: str, L: int, block: int | None, kernel: str, device: torch.device,
            shape: dict[str, int]):
     from megatron_bd3.model import BD3Model, bd3_config, mdlm_config, reference_architecture
@@ -234,10 +241,12 @@ def profile_step(step: Callable[[], None], device: torch.device) -> list[str]:
 
 def bench_steps(device: torch.device, cases: list[tuple], batch: int, shape: dict[str, int],
                 warmup: int, repeats: int, peak_flops: float,
-                profile: str | None = None) -> list[dict[str, Any]]:
+                profile: str | None = None, compiled: bool = False) -> list[dict[str, Any]]:
     rows = []
     for name, preset, L, block, kernel in cases:
         model = _model("mdlm" if preset == "mdlm" else "bd3", L, block, kernel, device, shape)
+        if compiled:
+            compile_layers(model)
         step = _step(model, preset, batch, device)
         compile_start = time.perf_counter()
         step()
@@ -287,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="+", default=["ceilings", "attention", "step"])
     parser.add_argument("--profile", default=None, metavar="CASE",
                         help="print the top kernels of one step case (e.g. bd3-B16-flex)")
+    parser.add_argument("--compile-layers", action="store_true",
+                        help="torch.compile each transformer layer (experiment)")
+    parser.add_argument("--cases", nargs="*", default=None, help="step cases to run (names)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -332,8 +344,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n125M-class model {shape}, micro-batch {batch}\n"
                   "| case | L | kernel | step ms | TFLOP/step | MFU | tokens/s | peak GiB "
                   "| first call s |\n|---|---|---|---|---|---|---|---|---|")
+            if args.cases:
+                cases = [c for c in cases if c[0] in args.cases]
             result["step"] = bench_steps(device, cases, batch, shape, args.warmup, args.repeats,
-                                         peak, args.profile)
+                                         peak, args.profile, args.compile_layers)
             result["ratios"] = ratios(result["step"])
             for key, value in result["ratios"].items():
                 print(f"{key}: {value:.2f}")

@@ -44,6 +44,10 @@ from megatron_bd3.parallel import apply_cpu_compat
 logger = logging.getLogger(__name__)
 
 DS_TAG = "state"
+# megatron's distributed optimizer: one ShardedTensor per contiguous buffer shard (reshardable
+# over DP only, like the DeepSpeed state); megatron-core 0.16's default "fully_sharded_model_space"
+# builds flattened ShardedTensors its own dist_checkpointing refuses (measured on an H100).
+MEGATRON_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 # Model identity fields whose change makes a resume meaningless. For init_from (weights only)
 # only the ones that change tensor shapes must match.
@@ -135,7 +139,9 @@ def save_training_state(
     else:
         model_sharded = _sharded_model_state(chunks)
         _dist_save(
-            {"optimizer": stepper.optimizer.sharded_state_dict(model_sharded)}, tmp / "optim"
+            {"optimizer": stepper.optimizer.sharded_state_dict(
+                model_sharded, metadata=MEGATRON_OPTIMIZER_METADATA)},
+            tmp / "optim",
         )
 
     # 2) per-rank state: EMA shards, RNG, trainer state
@@ -271,7 +277,8 @@ def load_training_state(
         load_model_weights(directory, chunks, use_ema=False, check=False)
         model_sharded = _sharded_model_state(chunks)
         state = dist_checkpointing.load(
-            {"optimizer": stepper.optimizer.sharded_state_dict(model_sharded, is_loading=True)},
+            {"optimizer": stepper.optimizer.sharded_state_dict(
+                model_sharded, is_loading=True, metadata=MEGATRON_OPTIMIZER_METADATA)},
             str(directory / "optim"),
         )
         stepper.optimizer.load_state_dict(state["optimizer"])

@@ -17,26 +17,29 @@ import torch
 class MegatronStepper:
     """Same interface as `DeepSpeedStepper`: forward_models, eval_models, zero_grad, step(lr)."""
 
-    def __init__(self, chunks: list[torch.nn.Module], optimizer) -> None:
-        self._chunks = chunks
+    def __init__(self, wrapped: list[torch.nn.Module], optimizer) -> None:
+        self._wrapped = wrapped  # megatron DDP around each chunk
         self.optimizer = optimizer
 
     @property
     def chunks(self) -> list[torch.nn.Module]:
-        return self._chunks
+        """The BD3Model chunks themselves, as DeepSpeedStepper.chunks: parameter names and
+        sharded state dicts without DDP's `module.` prefix, so checkpoints, EMA and conversion
+        are the same whichever optimizer trained."""
+        return [w.module for w in self._wrapped]
 
     @property
     def forward_models(self) -> list[torch.nn.Module]:
-        return self._chunks
+        return self._wrapped
 
     @property
     def eval_models(self) -> list[torch.nn.Module]:
-        return self._chunks
+        return self._wrapped
 
     zero_stage = None
 
     def zero_grad(self) -> None:
-        for chunk in self._chunks:
+        for chunk in self._wrapped:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
 
@@ -69,6 +72,12 @@ def build_megatron_optimizer(
         overlap_grad_reduce=False,
         use_distributed_optimizer=o.use_distributed_optimizer,
     )
+    if precision == "bf16":
+        # bf16 weights, norms included, as Megatron-LM's Float16Module makes them (its input and
+        # output casts are not needed: the inputs are token ids and the loss is taken in fp32);
+        # the optimizer keeps fp32 main weights. In place: the trainer's chunk list stays valid.
+        for chunk in chunks:
+            chunk.bfloat16()
     wrapped = [
         DistributedDataParallel(config=model_config, ddp_config=ddp_config, module=chunk)
         for chunk in chunks

@@ -272,16 +272,18 @@ def load_training_state(
         if path is None:
             raise CheckpointError(f"{directory}: DeepSpeed found no engine state under ds/{DS_TAG}")
     else:
-        from megatron.core import dist_checkpointing
-
-        load_model_weights(directory, chunks, use_ema=False, check=False)
-        model_sharded = _sharded_model_state(chunks)
-        state = dist_checkpointing.load(
-            {"optimizer": stepper.optimizer.sharded_state_dict(
-                model_sharded, is_loading=True, metadata=MEGATRON_OPTIMIZER_METADATA)},
-            str(directory / "optim"),
+        # megatron-core's optimizer (GPU only). Measured on an H100 with megatron-core 0.16.1 and
+        # neither apex nor TE: its DistributedOptimizer cannot rebuild a fresh optimizer's state
+        # (state_dict() asserts on the missing AdamW `step`), and with placeholder states the
+        # resumed run's loss left the uninterrupted one's (step 10: 9.42 vs 9.95). A resume that
+        # is not exact is refused rather than continued silently.
+        raise CheckpointError(
+            f"{directory}: resuming a run trained with optimizer.backend=megatron is not "
+            "supported (megatron-core 0.16 cannot restore its optimizer state exactly without "
+            "apex/TE; docs/bench/gpu.md). Start a new run from these weights with "
+            f"checkpoint.init_from={directory}, or train with optimizer.backend=deepspeed, "
+            "whose resume is exact."
         )
-        stepper.optimizer.load_state_dict(state["optimizer"])
     if ema is not None:
         ema.load_state_dict(per_rank["ema"])
     state = dict(per_rank["train_state"])

@@ -229,7 +229,26 @@ def check_resumable(directory: str | Path, record: dict[str, Any]) -> dict[str, 
     directory = Path(directory)
     marker = verify_distributed(directory)
     check_compatible(marker, record, directory)
+    refuse_unresumable(marker, directory)
     return marker
+
+
+def refuse_unresumable(marker: dict[str, Any], directory: Path) -> None:
+    """Refuse checkpoints whose optimizer state cannot be restored exactly.
+
+    megatron-core's optimizer (GPU only), measured on an H100 with megatron-core 0.16.1 and
+    neither apex nor TE: its DistributedOptimizer cannot rebuild a fresh optimizer's state
+    (state_dict() asserts on the missing AdamW `step`), and with placeholder states the resumed
+    run's loss left the uninterrupted one's (step 10: 9.42 vs 9.95). A resume that is not exact
+    is refused rather than continued silently; the weights stay usable through init_from."""
+    if (marker.get("layout") or {}).get("optimizer_backend") == "megatron":
+        raise CheckpointError(
+            f"{directory}: resuming a run trained with optimizer.backend=megatron is not "
+            "supported (megatron-core 0.16 cannot restore its optimizer state exactly without "
+            "apex/TE; docs/bench/gpu.md). Start a new run from these weights with "
+            f"checkpoint.init_from={directory}, or train with optimizer.backend=deepspeed, "
+            "whose resume is exact."
+        )
 
 
 def load_training_state(
@@ -271,19 +290,10 @@ def load_training_state(
         )
         if path is None:
             raise CheckpointError(f"{directory}: DeepSpeed found no engine state under ds/{DS_TAG}")
-    else:
-        # megatron-core's optimizer (GPU only). Measured on an H100 with megatron-core 0.16.1 and
-        # neither apex nor TE: its DistributedOptimizer cannot rebuild a fresh optimizer's state
-        # (state_dict() asserts on the missing AdamW `step`), and with placeholder states the
-        # resumed run's loss left the uninterrupted one's (step 10: 9.42 vs 9.95). A resume that
-        # is not exact is refused rather than continued silently.
-        raise CheckpointError(
-            f"{directory}: resuming a run trained with optimizer.backend=megatron is not "
-            "supported (megatron-core 0.16 cannot restore its optimizer state exactly without "
-            "apex/TE; docs/bench/gpu.md). Start a new run from these weights with "
-            f"checkpoint.init_from={directory}, or train with optimizer.backend=deepspeed, "
-            "whose resume is exact."
-        )
+    else:  # megatron-core's optimizer: see refuse_unresumable
+        refuse_unresumable(marker, directory)
+        raise CheckpointError(f"{directory}: no optimizer-state loader for "
+                              f"{type(stepper).__name__}")
     if ema is not None:
         ema.load_state_dict(per_rank["ema"])
     state = dict(per_rank["train_state"])

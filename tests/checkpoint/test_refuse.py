@@ -6,7 +6,11 @@ import shutil
 import pytest
 
 from megatron_bd3.checkpoint import CheckpointError, load_model_weights, verify_checkpoint
-from megatron_bd3.checkpoint.manager import check_compatible, check_resumable
+from megatron_bd3.checkpoint.manager import (
+    check_compatible,
+    check_resumable,
+    refuse_unresumable,
+)
 from tests.checkpoint.conftest import TRAIN_ITERS, resume_config
 from tests.training.tiny_run import run_trainer, write_config
 
@@ -63,6 +67,16 @@ def test_mismatched_model_or_layout_is_refused(trained_run, tmp_path):
     with pytest.raises(CheckpointError, match="hidden_size: checkpoint 32 != run 64"):
         load_model_weights(ckpt, [], record=other)
 
+
+
+def test_megatron_optimizer_checkpoints_are_not_resumed(tmp_path):
+    """A checkpoint written with optimizer.backend=megatron is refused for resume (its optimizer
+    state is not restored exactly by megatron-core 0.16 without apex/TE), naming init_from."""
+    marker = {"layout": {"optimizer_backend": "megatron", "tp": 1, "pp": 1, "dp": 1}}
+    with pytest.raises(CheckpointError, match=r"optimizer.backend=megatron is not supported.*"
+                                              r"checkpoint.init_from="):
+        refuse_unresumable(marker, tmp_path)
+    refuse_unresumable({"layout": {"optimizer_backend": "deepspeed"}}, tmp_path)  # accepted
 
 @pytest.mark.distributed
 def test_trainer_refuses_to_resume_with_another_block_size(trained_run, tmp_path):

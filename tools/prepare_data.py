@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from megatron_bd3.data.manifest import ManifestError, load_manifest
 from megatron_bd3.data.shards import DTYPES
-from megatron_bd3.data.sources import BAD_UTF8_POLICIES, FORMATS, TEXT_MODES, SourceOptions
+from megatron_bd3.data.sources import SourceOptions
 from megatron_bd3.data.tokenizer import TokenizerError
 from megatron_bd3.data.writer import PrepareOptions, prepare_shards
 
@@ -69,22 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     layout.add_argument("--samples-per-shard", type=int, default=4096)
     layout.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
 
-    source = parser.add_argument_group("input reading")
-    source.add_argument("--format", choices=FORMATS, default="auto")
-    source.add_argument(
-        "--text-mode",
-        choices=TEXT_MODES,
-        default="paragraph",
-        help="text files: a document is a blank-line separated paragraph (default), a line, "
-        "or the whole file",
-    )
-    source.add_argument("--text-field", default="text", help="jsonl field / parquet column")
-    source.add_argument(
-        "--on-bad-utf8",
-        choices=BAD_UTF8_POLICIES,
-        default="error",
-        help="invalid UTF-8 lines/records: stop with an error (default) or skip and count them",
-    )
+    SourceOptions.add_arguments(parser.add_argument_group("input reading"))
 
     run = parser.add_argument_group("execution")
     run.add_argument("--workers", type=int, default=1, help="tokenizer processes")
@@ -143,12 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             insert_special=args.insert_special,
             dtype=args.dtype,
             workers=args.workers,
-            source=SourceOptions(
-                format=args.format,
-                text_mode=args.text_mode,
-                text_field=args.text_field,
-                on_bad_utf8=args.on_bad_utf8,
-            ),
+            source=SourceOptions.from_arguments(args),
             progress=not args.no_progress,
         )
         manifest = prepare_shards(args.input, args.tokenizer, args.output, options, args.overwrite)

@@ -24,9 +24,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megatron_bd3.data.sources import (
-    BAD_UTF8_POLICIES,
-    FORMATS,
-    TEXT_MODES,
     InputError,
     InputRecord,
     SourceOptions,
@@ -97,17 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=1, help="sentencepiece trainer threads")
 
-    source = parser.add_argument_group("input reading (with --input)")
-    source.add_argument("--format", choices=FORMATS, default="auto")
-    source.add_argument(
-        "--text-mode",
-        choices=TEXT_MODES,
-        default="paragraph",
-        help="text files: a document is a blank-line separated paragraph (default), a line, "
-        "or the whole file",
-    )
-    source.add_argument("--text-field", default="text", help="jsonl field / parquet column")
-    source.add_argument("--on-bad-utf8", choices=BAD_UTF8_POLICIES, default="error")
+    SourceOptions.add_arguments(parser.add_argument_group("input reading (with --input)"))
 
     imported = parser.add_argument_group("import (with --from); default: looked up by name")
     for role in ("mask", "bos", "eos", "pad"):
@@ -147,12 +134,7 @@ def import_tokenizer(args: argparse.Namespace) -> BD3Tokenizer:
 
 
 def train(args: argparse.Namespace) -> tuple[BD3Tokenizer, dict]:
-    source = SourceOptions(
-        format=args.format,
-        text_mode=args.text_mode,
-        text_field=args.text_field,
-        on_bad_utf8=args.on_bad_utf8,
-    )
+    source = SourceOptions.from_arguments(args)
     options = SentencePieceOptions(
         vocab_size=args.vocab_size,
         model_type=args.model_type,

@@ -85,6 +85,32 @@ class SourceOptions:
         if not self.text_field:
             raise ValueError("text_field must be a non-empty field/column name")
 
+    @staticmethod
+    def add_arguments(group) -> None:
+        """The input-reading options of the command-line tools (bd3-train-tokenizer,
+        bd3-prepare-data) on an argparse parser or argument group."""
+        group.add_argument("--format", choices=FORMATS, default="auto")
+        group.add_argument(
+            "--text-mode",
+            choices=TEXT_MODES,
+            default="paragraph",
+            help="text files: a document is a blank-line separated paragraph (default), a line, "
+            "or the whole file",
+        )
+        group.add_argument("--text-field", default="text", help="jsonl field / parquet column")
+        group.add_argument(
+            "--on-bad-utf8",
+            choices=BAD_UTF8_POLICIES,
+            default="error",
+            help="invalid UTF-8 lines/records: stop with an error (default) or skip and count them",
+        )
+
+    @classmethod
+    def from_arguments(cls, args) -> SourceOptions:
+        """The options parsed by `add_arguments`."""
+        return cls(format=args.format, text_mode=args.text_mode, text_field=args.text_field,
+                   on_bad_utf8=args.on_bad_utf8)
+
 
 @dataclass
 class InputRecord:

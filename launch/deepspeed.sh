@@ -13,37 +13,14 @@
 # The training config picks the ZeRO stage (deepspeed.config=configs/deepspeed/zero2.json).
 set -euo pipefail
 
-if [[ $# -lt 1 ]]; then
-    echo "usage: $0 CONFIG.yaml [section.key=value ...] [--resume auto|none|DIR]" >&2
-    exit 2
-fi
-
-repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "${repo_root}/.venv/bin/python" ]]; then
-        PYTHON="${repo_root}/.venv/bin/python"
-    else
-        PYTHON=python3
-    fi
-fi
-MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-MASTER_PORT="${MASTER_PORT:-29500}"
-export WANDB_MODE="${WANDB_MODE:-offline}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-
-if ! command -v nvidia-smi >/dev/null 2>&1; then
-    export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
-fi
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 launcher_args=(--master_addr="${MASTER_ADDR}" --master_port="${MASTER_PORT}")
 if [[ -n "${HOSTFILE:-}" ]]; then
     launcher_args+=(--hostfile="${HOSTFILE}")
 else
-    if [[ -z "${NUM_GPUS:-}" ]]; then
-        gpus="$("${PYTHON}" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
-        if [[ "${gpus}" -gt 0 ]]; then NUM_GPUS="${gpus}"; else NUM_GPUS=2; fi
-    fi
-    launcher_args+=(--num_gpus="${NUM_GPUS}")
+    launcher_args+=(--num_gpus="${NUM_GPUS:-$(default_local_procs)}")
 fi
 
 cd "${repo_root}"

@@ -16,35 +16,12 @@
 #   PYTHON          interpreter (default: .venv/bin/python if present, else python3)
 set -euo pipefail
 
-if [[ $# -lt 1 ]]; then
-    echo "usage: $0 CONFIG.yaml [section.key=value ...] [--resume auto|none|DIR]" >&2
-    exit 2
-fi
-
-repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "${repo_root}/.venv/bin/python" ]]; then
-        PYTHON="${repo_root}/.venv/bin/python"
-    else
-        PYTHON=python3
-    fi
-fi
-
-if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-    gpus="$("${PYTHON}" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
-    if [[ "${gpus}" -gt 0 ]]; then NPROC_PER_NODE="${gpus}"; else NPROC_PER_NODE=2; fi
-fi
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+NPROC_PER_NODE="${NPROC_PER_NODE:-$(default_local_procs)}"
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
-MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-MASTER_PORT="${MASTER_PORT:-29500}"
 RDZV_ENDPOINT="${RDZV_ENDPOINT:-${MASTER_ADDR}:${MASTER_PORT}}"
-
-if ! command -v nvidia-smi >/dev/null 2>&1; then
-    export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
-fi
-export WANDB_MODE="${WANDB_MODE:-offline}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 if [[ "${NNODES}" -eq 1 ]]; then
     rdzv_args=(--standalone)

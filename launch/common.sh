@@ -1,0 +1,33 @@
+# Shared by launch/torchrun.sh and launch/deepspeed.sh (sourced, not run): argument check,
+# repository root, interpreter, GPU count and the environment defaults of every launcher.
+if [[ $# -lt 1 ]]; then
+    echo "usage: $0 CONFIG.yaml [section.key=value ...] [--resume auto|none|DIR]" >&2
+    exit 2
+fi
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "${repo_root}/.venv/bin/python" ]]; then
+        PYTHON="${repo_root}/.venv/bin/python"
+    else
+        PYTHON=python3
+    fi
+fi
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+
+# processes per machine by default: one per GPU, or 2 without GPUs
+local_gpu_count() {
+    "${PYTHON}" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0
+}
+default_local_procs() {
+    local gpus
+    gpus="$(local_gpu_count)"
+    if [[ "${gpus}" -gt 0 ]]; then echo "${gpus}"; else echo 2; fi
+}
+
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+fi
+export WANDB_MODE="${WANDB_MODE:-offline}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

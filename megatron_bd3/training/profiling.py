@@ -9,6 +9,7 @@ and `rank_XXXXX.txt` (the ops with the most self time); rank 0 also logs the fir
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,14 +22,16 @@ TOP_OPS = 25
 class StepProfiler:
     """Call `before_step(step)` before and `after_step(step)` after each training step."""
 
-    def __init__(self, window: tuple[int, int] | None, out_dir: Path, rank: int,
+    def __init__(self, window: Sequence[int] | None, out_dir: Path, rank: int,
                  device_type: str) -> None:
         if window is not None:
+            if len(window) != 2:
+                raise ValueError(f"logging.profile_steps {list(window)} must be [start, end]")
             start, end = window
             if not 1 <= start < end:
                 raise ValueError(f"logging.profile_steps {list(window)} must be [start, end] "
                                  f"with 1 <= start < end (steps start..end-1 are profiled)")
-        self.window = window
+        self.window = tuple(window) if window is not None else None
         self.out_dir = Path(out_dir)
         self.rank = rank
         self.device_type = device_type

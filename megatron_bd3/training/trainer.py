@@ -461,10 +461,7 @@ class Trainer:
             wandb_entity=cfg.logging.wandb.entity,
             config_dict=cfg.to_dict(),
         )
-        window = cfg.logging.profile_steps
-        if window is not None and len(window) != 2:
-            raise ValueError(f"logging.profile_steps {window} must be [start, end]")
-        self.profiler = StepProfiler(tuple(window) if window else None, cfg.run_dir / "profile",
+        self.profiler = StepProfiler(cfg.logging.profile_steps, cfg.run_dir / "profile",
                                      self.layout.rank, self.device_type)
         if self.layout.rank == 0:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)

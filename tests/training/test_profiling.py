@@ -24,7 +24,7 @@ def test_profile_window_writes_trace_and_table(tmp_path):
     assert "profile of steps 2..3 written to" in out
 
 
-@pytest.mark.parametrize("window", [(0, 3), (3, 3), (5, 2)])
+@pytest.mark.parametrize("window", [(0, 3), (3, 3), (5, 2), [2], [1, 2, 3]])
 def test_profile_window_is_validated(tmp_path, window):
     with pytest.raises(ValueError, match="profile_steps"):
         StepProfiler(window, tmp_path, 0, "cpu")

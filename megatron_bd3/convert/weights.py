@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 
 from megatron_bd3.standalone.model import BD3Config as StandaloneConfig
+from megatron_bd3.standalone.model import tensor_set_problems
 
 __all__ = [
     "MappingError",
@@ -174,19 +175,7 @@ def _check(
     tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str
 ) -> None:
     """Raise MappingError naming every missing, unexpected or mis-shaped tensor."""
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    problems = []
-    if missing:
-        problems.append("missing tensor(s) " + ", ".join(
-            f"{name} (expected shape {list(expected[name])})" for name in missing))
-    if extra:
-        problems.append("unexpected tensor(s) " + ", ".join(
-            f"{name} (shape {list(tensors[name].shape)})" for name in extra))
-    for name in sorted(set(expected) & set(tensors)):
-        if tuple(tensors[name].shape) != tuple(expected[name]):
-            problems.append(f"tensor {name} has shape {list(tensors[name].shape)}, expected "
-                            f"{list(expected[name])}")
+    problems = tensor_set_problems(tensors, expected)
     if problems:
         raise MappingError(f"{what}: " + "; ".join(problems))
 

@@ -348,6 +348,26 @@ def _gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.gather(1, expanded)
 
 
+def tensor_set_problems(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
+                        optional: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """What is wrong with a set of named tensors against the expected names and shapes: every
+    missing, unexpected (unless in ``optional``) or mis-shaped tensor, by name. Empty if fine."""
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected) - set(optional))
+    problems = []
+    if missing:
+        problems.append("missing tensor(s) " + ", ".join(
+            f"{name} (expected shape {list(expected[name])})" for name in missing))
+    if extra:
+        problems.append("unexpected tensor(s) " + ", ".join(
+            f"{name} (shape {list(tensors[name].shape)})" for name in extra))
+    for name in sorted(set(expected) & set(tensors)):
+        if tuple(tensors[name].shape) != tuple(expected[name]):
+            problems.append(f"tensor {name} has shape {list(tensors[name].shape)}, "
+                            f"expected {list(expected[name])}")
+    return problems
+
+
 class BD3Network(nn.Module):
     """The standalone BD3-LM denoiser (see the module docstring for layout and semantics)."""
 
@@ -494,21 +514,9 @@ class BD3Network(nn.Module):
 
     def load_state_dict_strict(self, tensors: dict[str, torch.Tensor], source: str = "") -> None:
         """Copy ``tensors`` in, refusing missing, unexpected or mis-shaped entries by name."""
-        expected = self.state_dict()
         where = f" in {source}" if source else ""
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
-        problems = []
-        if missing:
-            problems.append("missing tensor(s) " + ", ".join(
-                f"{name} (expected shape {list(expected[name].shape)})" for name in missing))
-        if extra:
-            problems.append("unexpected tensor(s) " + ", ".join(
-                f"{name} (shape {list(tensors[name].shape)})" for name in extra))
-        for name in sorted(set(expected) & set(tensors)):
-            if tuple(tensors[name].shape) != tuple(expected[name].shape):
-                problems.append(f"tensor {name} has shape {list(tensors[name].shape)}, "
-                                f"expected {list(expected[name].shape)}")
+        expected = {name: tuple(t.shape) for name, t in self.state_dict().items()}
+        problems = tensor_set_problems(tensors, expected)
         if problems:
             raise ValueError(f"cannot load weights{where}: " + "; ".join(problems))
         with torch.no_grad():

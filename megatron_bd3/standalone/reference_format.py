@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_bd3.standalone.model import BD3Config, BD3Network
+from megatron_bd3.standalone.model import BD3Config, BD3Network, tensor_set_problems
 
 __all__ = [
     "FREQUENCY_EMBEDDING_SIZE",
@@ -238,19 +238,7 @@ def import_reference(tensors: dict[str, torch.Tensor], reference_config: dict,
     adaln = cfg.get("adaln", True)
 
     expected = _expected_reference_shapes(cfg)
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected) - _OPTIONAL_KEYS)
-    problems = []
-    if missing:
-        problems.append("missing tensor(s) " + ", ".join(
-            f"{k} (expected shape {list(expected[k])})" for k in missing))
-    if extra:
-        problems.append("unexpected tensor(s) " + ", ".join(
-            f"{k} (shape {list(tensors[k].shape)})" for k in extra))
-    for key in sorted(set(expected) & set(tensors)):
-        if tuple(tensors[key].shape) != expected[key]:
-            problems.append(f"tensor {key} has shape {list(tensors[key].shape)}, "
-                            f"expected {list(expected[key])}")
+    problems = tensor_set_problems(tensors, expected, optional=_OPTIONAL_KEYS)
     if problems:
         raise ValueError(f"cannot import {source}: " + "; ".join(problems))
     if "backbone.rotary_emb.inv_freq" in tensors:

@@ -239,10 +239,11 @@ class _CacheWrite:
             store[self.batch_index, :, self.slots] = new
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """NeoX/rotate-half layout: (x1, x2) -> (-x2, x1) over the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the NeoX/rotate-half layout: ``x·cos + rotate_half(x)·sin`` with
+    ``rotate_half(x1, x2) = (-x2, x1)``. ``signed_sin`` is ``(-sin, sin)`` over the two halves,
+    so rotate_half becomes a swap of the halves (one roll, no negation or concatenation)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class LayerNorm(nn.Module):
@@ -273,16 +274,26 @@ class Attention(nn.Module):
                              bias=config.attn_out_bias)
 
     def forward(self, x, cos, sin, attn_mask, cache_write=None, layer=0, query_index=None):
-        """``x [b, s, d]``; ``cos``/``sin`` ``[b|1, s, 1, hd]``; ``attn_mask`` bool
-        ``[b|1, 1, s_q, s_kv]`` (True = may attend). ``query_index [b, r]``: only these rows
-        are queries (keys/values are still made for all ``s`` tokens). Returns ``[b, s_q, d]``."""
+        """``x [b, s, d]``; ``cos``/``sin`` ``[b|1, s, 1, hd]`` (``sin`` signed, see
+        :func:`apply_rotary`); ``attn_mask`` bool ``[b|1, 1, s_q, s_kv]`` (True = may attend).
+        ``query_index [b, r]``: only these rows are queries (keys/values are still made for all
+        ``s`` tokens, and only the queries' rows are projected to q). Returns ``[b, s_q, d]``."""
         b, s, _ = x.shape
-        qkv = self.qkv(x).view(b, s, self.num_heads + 2 * self.num_groups, self.head_dim)
-        q, k, v = qkv.split([self.num_heads, self.num_groups, self.num_groups], dim=2)
-        k = k * cos + rotate_half(k) * sin  # [b, s, g, hd]
-        if query_index is not None:
-            q, cos, sin = (_gather_rows(t, query_index) for t in (q, cos, sin))
-        q = (q * cos + rotate_half(q) * sin).transpose(1, 2)  # [b, h, s_q, hd]
+        h, g, hd = self.num_heads, self.num_groups, self.head_dim
+        if query_index is None:
+            qkv = self.qkv(x).view(b, s, h + 2 * g, hd)
+            q, k = apply_rotary(qkv[:, :, :h + g], cos, sin).split([h, g], dim=2)
+            v = qkv[:, :, h + g:]
+        else:
+            # Keys and values for every row, a query only for the selected rows.
+            weight, bias = self.qkv.weight, self.qkv.bias  # rows ordered q | k | v
+            kv = F.linear(x, weight[h * hd:], None if bias is None else bias[h * hd:])
+            kv = kv.view(b, s, 2 * g, hd)
+            k, v = apply_rotary(kv[:, :, :g], cos, sin), kv[:, :, g:]
+            x, cos, sin = (_gather_rows(t, query_index) for t in (x, cos, sin))
+            q = F.linear(x, weight[:h * hd], None if bias is None else bias[:h * hd])
+            q = apply_rotary(q.view(b, -1, h, hd), cos, sin)
+        q = q.transpose(1, 2)  # [b, h, s_q, hd]
         if cache_write is None:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [b, g, s, hd]
         else:
@@ -321,8 +332,9 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """
     if x.dtype not in (torch.float32, torch.float64):
         return F.gelu(x, approximate="tanh")
-    inner = torch.addcmul(x, x * x, x, value=0.044715)  # x + 0.044715·x³
-    return x * inner.mul_(_GELU_SCALE).sigmoid_()
+    # 2z = x·(S + 0.044715·S·x²), S = 2·sqrt(2/π): one temporary, updated in place
+    two_z = (x * x).mul_(0.044715 * _GELU_SCALE).add_(_GELU_SCALE).mul_(x)
+    return x * two_z.sigmoid_()
 
 
 class TransformerLayer(nn.Module):
@@ -388,7 +400,8 @@ class BD3Network(nn.Module):
 
     # ------------------------------------------------------------------ rotary tables
     def rotary_tables(self, num_positions: int, dtype: torch.dtype, device) -> tuple:
-        """cos/sin ``[P, hd]`` for positions ``0..P-1`` (grown by doubling, computed in fp64)."""
+        """cos and signed sin (see :func:`apply_rotary`) ``[P, hd]`` for positions ``0..P-1``
+        (grown by doubling, computed in fp64)."""
         cached = self._rope_cache
         if (cached is None or cached[0].shape[0] < num_positions or cached[0].dtype != dtype
                 or cached[0].device != torch.device(device)):
@@ -397,14 +410,14 @@ class BD3Network(nn.Module):
             inv_freq = 1.0 / (self.config.rotary_base
                               ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
             angles = torch.arange(size, dtype=torch.float64)[:, None] * inv_freq[None, :]
-            angles = torch.cat((angles, angles), dim=-1)  # [P, hd], rotate-half layout
-            self._rope_cache = (angles.cos().to(device=device, dtype=dtype),
-                                angles.sin().to(device=device, dtype=dtype))
+            cos, sin = angles.cos(), angles.sin()  # [P, hd / 2]
+            self._rope_cache = (torch.cat((cos, cos), -1).to(device=device, dtype=dtype),
+                                torch.cat((-sin, sin), -1).to(device=device, dtype=dtype))
         cos, sin = self._rope_cache
         return cos[:num_positions], sin[:num_positions]
 
     def _rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``positions [s]`` or ``[b, s]`` -> cos/sin ``[b|1, s, 1, hd]``."""
+        """``positions [s]`` or ``[b, s]`` -> cos/signed sin ``[b|1, s, 1, hd]``."""
         if positions.dim() == 1:
             positions = positions[None]
         cos, sin = self.rotary_tables(int(positions.max()) + 1, dtype, positions.device)

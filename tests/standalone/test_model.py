@@ -129,10 +129,11 @@ def test_grouped_query_attention_equals_repeated_heads():
         torch.testing.assert_close(gqa(tokens), mha(tokens), atol=TOLERANCE, rtol=TOLERANCE)
 
 
-def test_cached_pass_equals_full_pass():
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_cached_pass_equals_full_pass(qkv_bias):
     """Blocks written one by one into a KV cache, then a noisy block against the cache, give the
-    logits of one block-causal pass over the whole sequence."""
-    network = tiny_network(seed=5)
+    logits of one block-causal pass over the whole sequence (query rows selected or not)."""
+    network = tiny_network(seed=5, qkv_bias=qkv_bias)
     B = 4
     tokens = torch.randint(0, 64, (3, 5 * B))
     with torch.no_grad():

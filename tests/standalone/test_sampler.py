@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_bd3.standalone import SamplerConfig, generate, nucleus_filter
+from megatron_bd3.standalone.sampler import categorical_by_inversion
 from tests.standalone.helpers import block_causal_mask, tiny_network
 
 B, L, V, MASK, EOS = 4, 16, 64, 63, 1
@@ -46,9 +47,20 @@ def brute_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return out / out.sum()
 
 
+def inverse_cdf_draw(probs: list[float], u: float) -> int:
+    """The first token whose running probability sum exceeds u times the total."""
+    target = u * math.fsum(probs)
+    running = 0.0
+    for token, p in enumerate(probs):
+        running += p
+        if p > 0 and running > target:
+            return token
+    return max(token for token, p in enumerate(probs) if p > 0)
+
+
 def brute_first_hitting(network, prompt, length, seed, semantics, temperature=1.0, top_p=1.0):
     """First-hitting sampler, documented RNG protocol: per call one randint over the masked
-    positions of the block, then one float64 uniform per vocabulary entry for the Gumbel-max."""
+    positions of the block, then one float64 uniform for the draw by inversion."""
     g = torch.Generator().manual_seed(seed)
     end = (len(prompt) // B + 1) * B
     x = list(prompt) + [MASK] * (end - len(prompt))
@@ -59,9 +71,8 @@ def brute_first_hitting(network, prompt, length, seed, semantics, temperature=1.
             logits = brute_logits(network, x, end, semantics)[position].double()
             logits[MASK] = -math.inf
             probs = brute_nucleus(torch.softmax(logits / temperature, dim=-1), top_p)
-            u = torch.rand(1, V, dtype=torch.float64, generator=g)[0]
-            gumbel = -torch.log(-torch.log(1 - u))
-            x[position] = int(torch.argmax(torch.log(probs) + gumbel))
+            u = float(torch.rand(1, dtype=torch.float64, generator=g))
+            x[position] = inverse_cdf_draw(probs.tolist(), u)
         if end >= length:
             return x[:length]
         end += B
@@ -265,6 +276,25 @@ def test_nucleus_filter_matches_brute_force():
     for top_p in (0.05, 0.5, 0.9, 1.0):
         expected = torch.stack([brute_nucleus(row, top_p) for row in probs])
         torch.testing.assert_close(nucleus_filter(probs, top_p), expected)
+
+
+def test_draw_by_inversion_boundaries_and_frequencies():
+    """Boundaries by hand (zero-probability tokens are never chosen, u -> 1 gives the last
+    possible token, unnormalised rows), then the empirical frequencies of many draws against
+    the probabilities (4 standard deviations)."""
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.5, 0.25, 0.0]] * 5, dtype=torch.float64)
+    below_one = math.nextafter(1.0, 0.0)  # dyadic values: every sum below is exact
+    uniform = torch.tensor([0.0, math.nextafter(0.25, 0.0), 0.25, 0.75, below_one],
+                           dtype=torch.float64)
+    assert categorical_by_inversion(probs, uniform).tolist() == [1, 1, 3, 4, 4]
+    assert categorical_by_inversion(probs * 7.0, uniform).tolist() == [1, 1, 3, 4, 4]
+    rows, draws = torch.tensor([[0.05, 0.0, 0.6, 0.25, 0.1]], dtype=torch.float64), 200_000
+    uniform = torch.rand(draws, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    choice = categorical_by_inversion(rows.expand(draws, -1), uniform)
+    counts = torch.bincount(choice, minlength=5).double() / draws
+    std = (rows[0] * (1 - rows[0]) / draws).sqrt()
+    assert counts[1] == 0
+    assert ((counts - rows[0]).abs() <= 4 * std + 1e-12).all(), counts
 
 
 def test_bad_options_are_named(network):

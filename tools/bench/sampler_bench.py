@@ -18,7 +18,10 @@ OpenMP: on a quiet machine keep the default (spinning) threads: passive ones pay
 each of a call's ~100 parallel regions (measured 1.4-1.8x slower). On a shared machine run with
 ``OMP_WAIT_POLICY=PASSIVE`` or ``--threads 1``: spinning threads on cores another process also
 uses wait for a descheduled peer in every parallel region (measured: up to 80x slower).
-The last lines check the issue's targets (docs/bench/sampler.md).
+The last lines check the issue's targets (docs/bench/sampler.md). For the batch-16 fp32 target
+the bench also measures its kernel floor on this machine (tools/bench/kernel_floor.py): the same
+generation's matmuls and attention calls, each timed alone, summed. A target above that floor
+cannot be met by cutting overhead, only by fewer FLOPs or faster kernels.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_bd3.standalone import BD3Config, BD3Network, SamplerConfig, generate
+from tools.bench.kernel_floor import kernel_floor
 
 MODELS = {
     "ref": dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4),
@@ -134,6 +138,29 @@ TARGETS = (
 )
 
 
+FLOOR_CASES = ("ref-256-b16-cache",)
+
+
+def floor_of(network: BD3Network, case: Case, measured: dict) -> dict:
+    """The case's kernel floor beside its measured speed (see tools/bench/kernel_floor.py)."""
+    config = SamplerConfig(block_size=case.block_size, use_cache=case.use_cache)
+    floor = kernel_floor(lambda: generate(network, case.length, num_samples=case.batch,
+                                          seeds=list(range(case.batch)), config=config))
+    tokens = measured["tokens"]
+    return {
+        "case": case.name,
+        "gflop": round(floor.flops / 1e9, 1),
+        "floor_seconds": round(floor.seconds, 3),
+        "matmul_seconds": round(floor.matmul_seconds, 3),
+        "attention_seconds": round(floor.attention_seconds, 3),
+        "floor_tokens_per_s": round(tokens / floor.seconds, 1),
+        "matmul_only_tokens_per_s": round(tokens / floor.matmul_seconds, 1),
+        "measured_fraction_of_floor": round(floor.seconds / measured["seconds"], 3),
+        "calls": floor.calls,
+        "heaviest": floor.rows(),
+    }
+
+
 def check_targets(by_name: dict[str, dict]) -> list[str]:
     """One line per target whose cases ran: measured vs required, met or not."""
     lines = []
@@ -157,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=None, help="case names to run")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the kernel floor of the batch-16 target case")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cases = [c for c in CASES if args.only is None or c.name in args.only]
@@ -184,6 +213,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"KV cache speed-up, {model} at {length} tokens, batch 1: "
                   f"{uncached['seconds'] / cached['seconds']:.1f}x wall, "
                   f"{uncached['cpu_seconds'] / cached['cpu_seconds']:.1f}x CPU time")
+    floors = []
+    for case in cases:
+        if case.name in FLOOR_CASES and not args.no_floor:
+            floor = floor_of(networks[f"{case.model}-{case.dtype}"], case, by_name[case.name])
+            floors.append(floor)
+            print(f"kernel floor of {case.name}: {floor['gflop']} GFLOP in {floor['calls']} "
+                  f"matmul/attention calls; alone they take {floor['floor_seconds']} s "
+                  f"(matmuls {floor['matmul_seconds']} s, attention "
+                  f"{floor['attention_seconds']} s) = {floor['floor_tokens_per_s']:.0f} tok/s, "
+                  f"matmuls alone {floor['matmul_only_tokens_per_s']:.0f} tok/s; measured "
+                  f"{by_name[case.name]['tokens_per_s']:.0f} tok/s = "
+                  f"{100 * floor['measured_fraction_of_floor']:.0f}% of the floor")
+            for line in floor["heaviest"]:
+                print("   ", line)
     targets = check_targets(by_name)
     for line in targets:
         print(line)
@@ -192,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                 "python": platform.python_version(), "machine": platform.machine(),
                 "parameters": {m: n.num_parameters() for m, n in networks.items()}}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results, "targets": targets}, f, indent=2)
+            json.dump({"meta": meta, "results": results, "floors": floors, "targets": targets},
+                      f, indent=2)
     return 0
 
 

@@ -15,6 +15,7 @@ from megatron_bd3.diffusion.forward_process import (
 from megatron_bd3.diffusion.loss import (
     NEG_INFINITY,
     NELBOOutput,
+    masked_position_log_probs,
     nelbo_from_token_nll,
     nelbo_loss,
     subs_log_probs,
@@ -91,6 +92,7 @@ __all__ = [
     "resample_block_noise",
     "sample_block_times",
     "sampling_mask",
+    "masked_position_log_probs",
     "subs_log_probs",
     "token_nll_from_logits",
     "uniform_noise",

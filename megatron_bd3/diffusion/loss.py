@@ -22,6 +22,7 @@ __all__ = [
     "NELBOOutput",
     "nelbo_from_token_nll",
     "nelbo_loss",
+    "masked_position_log_probs",
     "subs_log_probs",
     "token_nll_from_logits",
 ]
@@ -41,6 +42,17 @@ def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
+def masked_position_log_probs(logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """SUBS log-probabilities ``[..., V]`` at positions where ``x_t`` is [MASK] (zero-masking
+    only: log-softmax with the [MASK] logit at -1e6), float32 or wider. What a sampler needs for
+    the positions it reveals, without :func:`subs_log_probs`'s carry-over rows."""
+    _check_mask_id(logits, mask_token_id)
+    logits = _at_least_float32(logits)
+    suppress = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    suppress[mask_token_id] = NEG_INFINITY
+    return torch.log_softmax(logits + suppress, dim=-1)
+
+
 def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_token_id: int) -> torch.Tensor:
     """SUBS log-probabilities ``[b, L, V]`` (float32 or wider) from raw ``logits [b, L, V]``.
 
@@ -49,11 +61,7 @@ def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_token_id: int) 
     at the observed token, so ``log p(x_0) = 0`` exactly there. Materialises ``[b, L, V]``; the
     training loss uses :func:`token_nll_from_logits` instead.
     """
-    _check_mask_id(logits, mask_token_id)
-    logits = _at_least_float32(logits)
-    suppress = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
-    suppress[mask_token_id] = NEG_INFINITY
-    log_probs = torch.log_softmax(logits + suppress, dim=-1)
+    log_probs = masked_position_log_probs(logits, mask_token_id)
     carry_over = torch.full_like(log_probs, NEG_INFINITY).scatter_(-1, x_t.unsqueeze(-1), 0.0)
     unmasked = (x_t != mask_token_id).unsqueeze(-1)
     return torch.where(unmasked, carry_over, log_probs)

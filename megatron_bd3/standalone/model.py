@@ -32,6 +32,10 @@ Three entry points, all sharing one layer implementation:
 * ``forward_cached(...)``: the sampler's pass over a few new tokens against a preallocated
   :class:`KVCache` that it writes in place.
 
+CPU fp32 inference (no autograd) runs the linear layers on weight copies packed once for oneDNN
+(:class:`Linear`): the weights' memory twice, for up to 2.5x faster few-row matmuls;
+``set_packed_inference(False)`` turns it off.
+
 Rotary positions: the cache stores keys already rotated at the position they were written with.
 RoPE makes q.k depend only on the position difference, so rotating every key and query at its
 absolute position gives the same attention as the reference, which re-indexes positions relative
@@ -239,6 +243,60 @@ class _CacheWrite:
             store[self.batch_index, :, self.slots] = new
 
 
+def _onednn_packing_available() -> bool:
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+ONEDNN_PACKING = _onednn_packing_available()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state dict) whose CPU fp32 inference runs oneDNN on a
+    copy of the weight packed once into oneDNN's blocked layout.
+
+    torch's CPU ``F.linear`` goes to MKL, which re-packs the weight on every call; with the few
+    rows a sampling call feeds (16 per sample and block) that packing dominates: measured on a
+    2-core Zen 3, 17 x 512 -> 32768 ran at 42 GFLOP/s against 107 with the weight packed once,
+    and a 33M-parameter model sampled 1.4x faster at batch 1. The packed copy (as large as the
+    weight) is made on first use without autograd and remade when the weight changes (its
+    version counter or storage). ``packed=False`` on the module, or training/grad mode,
+    non-CPU or non-fp32 tensors, or a torch without oneDNN, give plain ``F.linear``. Results
+    equal ``F.linear`` up to float summation order.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.packed = True
+        self._packs: dict = {}  # row range -> ((weight version, storage), packed weight)
+
+    def forward(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """``x [..., in]`` -> ``[..., out]``, or only the output features ``rows`` (a slice)."""
+        weight, bias = self.weight, self.bias
+        if rows is not None:
+            weight, bias = weight[rows], None if bias is None else bias[rows]
+        if not self._use_packed(x):
+            return F.linear(x, weight, bias)
+        key = None if rows is None else (rows.start, rows.stop)
+        version = (self.weight._version, self.weight.data_ptr())
+        entry = self._packs.get(key)
+        if entry is None or entry[0] != version:
+            # the batch-size hint only picks oneDNN's blocking; 16 suits every case measured
+            entry = (version, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 16))
+            self._packs[key] = entry
+        return torch.ops.mkldnn._linear_pointwise(x, entry[1], bias, "none", [], "")
+
+    def _use_packed(self, x: torch.Tensor) -> bool:
+        return (self.packed and ONEDNN_PACKING and not torch.is_grad_enabled()
+                and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and self.weight.device.type == "cpu")
+
+    def release_packed(self) -> None:
+        """Drop the packed copies (they are rebuilt on the next packed call)."""
+        self._packs.clear()
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """RoPE in the NeoX/rotate-half layout: ``x·cos + rotate_half(x)·sin`` with
     ``rotate_half(x1, x2) = (-x2, x1)``. ``signed_sin`` is ``(-sin, sin)`` over the two halves,
@@ -269,9 +327,9 @@ class Attention(nn.Module):
         self.num_groups = config.num_query_groups
         self.head_dim = config.head_dim
         qkv_rows = (self.num_heads + 2 * self.num_groups) * self.head_dim
-        self.qkv = nn.Linear(config.hidden_size, qkv_rows, bias=config.qkv_bias)
-        self.out = nn.Linear(self.num_heads * self.head_dim, config.hidden_size,
-                             bias=config.attn_out_bias)
+        self.qkv = Linear(config.hidden_size, qkv_rows, bias=config.qkv_bias)
+        self.out = Linear(self.num_heads * self.head_dim, config.hidden_size,
+                          bias=config.attn_out_bias)
 
     def forward(self, x, cos, sin, attn_mask, cache_write=None, layer=0, query_index=None):
         """``x [b, s, d]``; ``cos``/``sin`` ``[b|1, s, 1, hd]`` (``sin`` signed, see
@@ -286,13 +344,11 @@ class Attention(nn.Module):
             v = qkv[:, :, h + g:]
         else:
             # Keys and values for every row, a query only for the selected rows.
-            weight, bias = self.qkv.weight, self.qkv.bias  # rows ordered q | k | v
-            kv = F.linear(x, weight[h * hd:], None if bias is None else bias[h * hd:])
-            kv = kv.view(b, s, 2 * g, hd)
+            # qkv's output rows are ordered q | k | v
+            kv = self.qkv(x, rows=slice(h * hd, None)).view(b, s, 2 * g, hd)
             k, v = apply_rotary(kv[:, :, :g], cos, sin), kv[:, :, g:]
             x, cos, sin = (_gather_rows(t, query_index) for t in (x, cos, sin))
-            q = F.linear(x, weight[:h * hd], None if bias is None else bias[:h * hd])
-            q = apply_rotary(q.view(b, -1, h, hd), cos, sin)
+            q = apply_rotary(self.qkv(x, rows=slice(0, h * hd)).view(b, -1, h, hd), cos, sin)
         q = q.transpose(1, 2)  # [b, h, s_q, hd]
         if cache_write is None:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [b, g, s, hd]
@@ -312,8 +368,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: BD3Config) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=config.mlp_bias)
-        self.fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
+        self.fc1 = Linear(config.hidden_size, config.ffn_hidden_size, bias=config.mlp_bias)
+        self.fc2 = Linear(config.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(gelu_tanh(self.fc1(x)))
@@ -394,8 +450,7 @@ class BD3Network(nn.Module):
             self.output_bias = (nn.Parameter(torch.zeros(config.vocab_size))
                                 if config.output_bias else None)
         else:
-            self.output = nn.Linear(config.hidden_size, config.vocab_size,
-                                    bias=config.output_bias)
+            self.output = Linear(config.hidden_size, config.vocab_size, bias=config.output_bias)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ rotary tables
@@ -492,6 +547,15 @@ class BD3Network(nn.Module):
         # Most sampling calls see every cached slot; SDPA is ~20% faster without a mask.
         mask = None if bool(attn_mask.all()) else attn_mask
         return self._run(tokens, positions, mask, write, query_index)
+
+    def set_packed_inference(self, enabled: bool) -> None:
+        """Run CPU fp32 inference on oneDNN-packed weight copies (default) or on plain
+        ``F.linear``; disabling frees the copies. See :class:`Linear`."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.packed = enabled
+                if not enabled:
+                    module.release_packed()
 
     # ------------------------------------------------------------------ persistence
     def num_parameters(self) -> int:

@@ -82,7 +82,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_bd3.diffusion import get_noise_schedule, subs_log_probs
+from megatron_bd3.diffusion import get_noise_schedule, masked_position_log_probs
 from megatron_bd3.standalone.model import BD3Network, KVCache
 
 __all__ = ["SamplerConfig", "Sample", "generate", "nucleus_filter"]
@@ -445,8 +445,8 @@ class _Stepper:
                 offset += c
         if self.config.temperature > 0:
             rows = rows / self.config.temperature
-        masked = torch.full((rows.shape[0],), self.mask_token_id, dtype=torch.long)
-        probs = nucleus_filter(subs_log_probs(rows, masked, self.mask_token_id).exp(),
+        # every revealed position is masked: SUBS is the zero-masking log-softmax there
+        probs = nucleus_filter(masked_position_log_probs(rows, self.mask_token_id).exp_(),
                                self.config.top_p)
         if self.config.temperature == 0:
             choice = probs.argmax(dim=-1)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from megatron_bd3.diffusion import (
     ClipRange,
+    masked_position_log_probs,
     nelbo_from_token_nll,
     nelbo_loss,
     noise_batch,
@@ -61,6 +62,19 @@ def test_subs_log_probs_against_definition():
                 expected = torch.full((VOCAB,), -1e6, dtype=log_probs.dtype)
                 expected[noised.x_t[r, c]] = 0.0
                 assert torch.equal(log_probs[r, c], expected)
+
+
+def test_masked_position_log_probs_against_definition():
+    """Zero-masking alone: the SUBS row of any masked position, for every position given."""
+    _, logits, _ = make_batch(2, 8, 4)
+    log_probs = masked_position_log_probs(logits, MASK_ID)
+    for r in range(2):
+        for c in range(8):
+            assert log_probs[r, c, MASK_ID] < -1e5
+            for v in range(VOCAB):
+                if v != MASK_ID:
+                    assert log_probs[r, c, v].item() == pytest.approx(
+                        log_prob_without_mask(logits[r, c], v), abs=1e-9)
 
 
 def test_subs_properties():

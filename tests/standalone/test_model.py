@@ -188,3 +188,47 @@ def test_gelu_tanh_is_the_tanh_approximation(dtype):
     torch.testing.assert_close(got, expected, atol=atol, rtol=atol if dtype != torch.bfloat16 else 1e-2)
     x = x64.clone().requires_grad_(True)
     torch.autograd.gradcheck(gelu_tanh, (x[::40],))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_plain_linear(bias):
+    """Without autograd on CPU fp32 the packed oneDNN path runs (its copies exist) and equals
+    x·Wᵀ + b computed here in float64, for 3-d inputs and for output-row slices; it is
+    repacked after an in-place weight update; grad mode and bf16 take plain F.linear."""
+    from megatron_bd3.standalone.model import ONEDNN_PACKING, Linear
+
+    torch.manual_seed(0)
+    layer = Linear(24, 40, bias=bias)
+    x = torch.randn(3, 5, 24)
+
+    def expected(weight, b, rows=slice(None)):
+        out = x.double() @ weight.double()[rows].T
+        return (out if b is None else out + b.double()[rows]).float()
+
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected(layer.weight, layer.bias),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer(x, rows=slice(8, 32)),
+                                   expected(layer.weight, layer.bias, slice(8, 32)),
+                                   atol=1e-5, rtol=1e-5)
+        assert (len(layer._packs) == 2) == ONEDNN_PACKING
+        layer.weight.mul_(-2.0)  # in place: same storage, new version
+        torch.testing.assert_close(layer(x), expected(layer.weight, layer.bias),
+                                   atol=1e-5, rtol=1e-5)
+    layer.release_packed()
+    out = layer(x)  # grad mode: plain F.linear, differentiable, nothing packed
+    assert out.requires_grad and not layer._packs
+    with torch.no_grad():
+        assert layer.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+        assert not layer._packs
+
+
+def test_set_packed_inference_off_gives_the_same_logits():
+    network = tiny_network(seed=7)
+    tokens = torch.randint(0, 63, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        packed = network(tokens)
+        network.set_packed_inference(False)
+        assert not any(getattr(m, "_packs", None) for m in network.modules())
+        plain = network(tokens)
+    torch.testing.assert_close(packed, plain, atol=TOLERANCE, rtol=TOLERANCE)

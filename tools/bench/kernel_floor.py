@@ -4,9 +4,10 @@
     floor.seconds, floor.flops, floor.rows()
 
 The work is run once under a dispatch mode that records every matrix product (linear, mm,
-addmm, bmm, matmul) and every scaled-dot-product attention with its shapes. Each distinct call is
-then timed alone, on fresh random inputs of the same shapes and dtype, warm, with the current
-thread count (median of a few repeats), and the floor is the sum over calls of those times.
+addmm, bmm, matmul, oneDNN's packed linear) and every scaled-dot-product attention with its
+shapes. Each distinct call is then timed alone, on the inputs of its first occurrence (kept), warm,
+with the current thread count (median of a few repeats), and the floor is the sum over calls of
+those times.
 
 Why this is a floor: any implementation of the same computation runs these very kernels; timed
 alone they have the cache to themselves and nothing else around them, so no end-to-end run of
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_MATMULS = {"linear", "mm", "addmm", "bmm", "matmul", "baddbmm"}
+_MATMULS = {"linear", "mm", "addmm", "bmm", "matmul", "baddbmm", "_linear_pointwise"}
 _ATTENTION = "scaled_dot_product_attention"
 
 
@@ -38,18 +39,6 @@ def _spec(value):
     if isinstance(value, (list, tuple)):
         return tuple(_spec(v) for v in value)
     return value
-
-
-def _rebuild(spec, generator: torch.Generator):
-    """Fresh inputs matching a recorded description (bool masks all True)."""
-    if isinstance(spec, tuple) and spec and spec[0] == "tensor":
-        _, shape, dtype = spec
-        if dtype == torch.bool:
-            return torch.ones(shape, dtype=torch.bool)
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype)
-    if isinstance(spec, tuple):
-        return tuple(_rebuild(s, generator) for s in spec)
-    return spec
 
 
 def _flops(name: str, args: tuple) -> float:
@@ -63,7 +52,7 @@ def _flops(name: str, args: tuple) -> float:
     if name in ("addmm", "baddbmm"):
         shapes = shapes[1:]  # the added input
     a, b = shapes[0], shapes[1]
-    if name == "linear":  # weight [N, K]
+    if name in ("linear", "_linear_pointwise"):  # weight [N, K]
         rows = 1
         for size in a[:-1]:
             rows *= size
@@ -86,7 +75,7 @@ class _Recorder(TorchDispatchMode):
         if name in _MATMULS or name == _ATTENTION:
             key = (name, _spec(args), _spec(tuple(sorted(kwargs.items()))))
             self.calls[key] += 1
-            self.ops[key] = func
+            self.ops.setdefault(key, (func, args, kwargs))
         return func(*args, **kwargs)
 
 
@@ -96,6 +85,8 @@ class KernelFloor:
     matmul_seconds: float
     attention_seconds: float
     flops: float
+    matmul_flops: float
+    attention_flops: float
     calls: int
     distinct: int
     table: list[tuple[str, str, int, float, float]]  # name, shapes, count, s each, FLOP each
@@ -115,13 +106,10 @@ def kernel_floor(work: Callable[[], object], repeats: int = 7) -> KernelFloor:
     with torch.inference_mode():
         with recorder:
             work()
-        generator = torch.Generator().manual_seed(0)
         table = []
         for key, count in recorder.calls.items():
-            name, args, kwargs = key
-            func = recorder.ops[key]
-            inputs = _rebuild(args, generator)
-            options = dict(_rebuild(kwargs, generator))
+            name, args, _ = key
+            func, inputs, options = recorder.ops[key]
             func(*inputs, **options)
             walls = []
             for _ in range(repeats):
@@ -135,6 +123,9 @@ def kernel_floor(work: Callable[[], object], repeats: int = 7) -> KernelFloor:
     attention = sum(c * t for n, _, c, t, _ in table if n == _ATTENTION)
     return KernelFloor(
         seconds=matmul + attention, matmul_seconds=matmul, attention_seconds=attention,
-        flops=sum(c * f for _, _, c, _, f in table), calls=sum(recorder.calls.values()),
+        flops=sum(c * f for _, _, c, _, f in table),
+        matmul_flops=sum(c * f for n, _, c, _, f in table if n != _ATTENTION),
+        attention_flops=sum(c * f for n, _, c, _, f in table if n == _ATTENTION),
+        calls=sum(recorder.calls.values()),
         distinct=len(table), table=table,
     )

@@ -147,14 +147,20 @@ def floor_of(network: BD3Network, case: Case, measured: dict) -> dict:
     floor = kernel_floor(lambda: generate(network, case.length, num_samples=case.batch,
                                           seeds=list(range(case.batch)), config=config))
     tokens = measured["tokens"]
+    # attention at the matmuls' own rate: what a perfect attention kernel would leave
+    matmul_rate = floor.matmul_flops / floor.matmul_seconds
+    ideal = floor.matmul_seconds + floor.attention_flops / matmul_rate
     return {
         "case": case.name,
         "gflop": round(floor.flops / 1e9, 1),
+        "attention_gflop": round(floor.attention_flops / 1e9, 1),
+        "matmul_gflop_per_s": round(matmul_rate / 1e9, 1),
         "floor_seconds": round(floor.seconds, 3),
         "matmul_seconds": round(floor.matmul_seconds, 3),
         "attention_seconds": round(floor.attention_seconds, 3),
         "floor_tokens_per_s": round(tokens / floor.seconds, 1),
         "matmul_only_tokens_per_s": round(tokens / floor.matmul_seconds, 1),
+        "attention_at_matmul_rate_tokens_per_s": round(tokens / ideal, 1),
         "measured_fraction_of_floor": round(floor.seconds / measured["seconds"], 3),
         "calls": floor.calls,
         "heaviest": floor.rows(),
@@ -221,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kernel floor of {case.name}: {floor['gflop']} GFLOP in {floor['calls']} "
                   f"matmul/attention calls; alone they take {floor['floor_seconds']} s "
                   f"(matmuls {floor['matmul_seconds']} s, attention "
-                  f"{floor['attention_seconds']} s) = {floor['floor_tokens_per_s']:.0f} tok/s, "
-                  f"matmuls alone {floor['matmul_only_tokens_per_s']:.0f} tok/s; measured "
+                  f"{floor['attention_seconds']} s for {floor['attention_gflop']} GFLOP) = "
+                  f"{floor['floor_tokens_per_s']:.0f} tok/s; with attention at the matmuls' "
+                  f"{floor['matmul_gflop_per_s']:.0f} GFLOP/s "
+                  f"{floor['attention_at_matmul_rate_tokens_per_s']:.0f} tok/s; matmuls alone "
+                  f"{floor['matmul_only_tokens_per_s']:.0f} tok/s; measured "
                   f"{by_name[case.name]['tokens_per_s']:.0f} tok/s = "
                   f"{100 * floor['measured_fraction_of_floor']:.0f}% of the floor")
             for line in floor["heaviest"]:

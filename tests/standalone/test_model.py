@@ -195,7 +195,7 @@ def test_packed_linear_equals_plain_linear(bias):
     """Without autograd on CPU fp32 the packed oneDNN path runs (its copies exist) and equals
     x·Wᵀ + b computed here in float64, for 3-d inputs and for output-row slices; it is
     repacked after an in-place weight update; grad mode and bf16 take plain F.linear."""
-    from megatron_bd3.standalone.model import ONEDNN_PACKING, Linear
+    from megatron_bd3.standalone.model import ONEDNN_PACKING, PACKED_MAX_ROWS, Linear
 
     torch.manual_seed(0)
     layer = Linear(24, 40, bias=bias)
@@ -218,9 +218,31 @@ def test_packed_linear_equals_plain_linear(bias):
     layer.release_packed()
     out = layer(x)  # grad mode: plain F.linear, differentiable, nothing packed
     assert out.requires_grad and not layer._packs
+    with torch.no_grad():  # many rows: MKL's F.linear is the faster one, nothing packed
+        many = torch.randn(PACKED_MAX_ROWS + 1, 24)
+        torch.testing.assert_close(layer(many), many @ layer.weight.T
+                                   + (0 if layer.bias is None else layer.bias))
+        assert not layer._packs
     with torch.no_grad():
         assert layer.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
         assert not layer._packs
+
+
+def test_linear_made_under_inference_mode_runs_and_follows_its_weight():
+    """Parameters created under torch.inference_mode carry no version counter: such a layer
+    must still run, and an in-place change of its weight must show in the next output."""
+    from megatron_bd3.standalone.model import Linear
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 24)
+    with torch.inference_mode():
+        layer = Linear(24, 40)
+        first = layer(x)
+        torch.testing.assert_close(first, x @ layer.weight.T + layer.bias)
+        layer.weight.mul_(-1.0)
+        second = layer(x)
+        torch.testing.assert_close(second, x @ layer.weight.T + layer.bias)
+        assert not torch.allclose(first, second)
 
 
 def test_set_packed_inference_off_gives_the_same_logits():

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_bd3.standalone import BD3Config, BD3Network, SamplerConfig, generate
+from tools.bench import common
 from tools.bench.kernel_floor import kernel_floor
 
 MODELS = {
@@ -167,15 +167,18 @@ def floor_of(network: BD3Network, case: Case, measured: dict) -> dict:
     }
 
 
-def check_targets(by_name: dict[str, dict]) -> list[str]:
+def check_targets(by_name: dict[str, dict], has_native_bf16: bool = True) -> list[str]:
     """One line per target whose cases ran: measured vs required, met or not."""
     lines = []
     for name, required, what in TARGETS:
         if name in by_name:
             got = by_name[name]["tokens_per_s"]
+            verdict = "met" if got >= required else "NOT met"
+            if "bf16" in name and not has_native_bf16:
+                verdict += " (this CPU has no native bf16, AVX512-BF16 or AMX: bf16 matmuls are emulated)"
             lines.append(f"target {what}: {got:.0f} tok/s vs >= {required:.0f} "
                          f"({got / REFERENCE_TOKENS_PER_S:.1f}x the reference's 45.6): "
-                         f"{'met' if got >= required else 'NOT met'}")
+                         f"{verdict}")
     cached, uncached = by_name.get("30m-1024-b1-cache"), by_name.get("30m-1024-b1-nocache")
     if cached and uncached:
         ratio = uncached["seconds"] / cached["seconds"]
@@ -199,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     header = (f"{'case':22s} {'tokens':>6s} {'sec':>8s} {'tok/s':>8s} {'cpu-s':>8s} "
               f"{'NFE/sample':>10s} {'net tok/sample':>14s} {'load':>5s}")
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or ''}")
+    host = common.machine()
+    print(f"torch {torch.__version__}, {args.threads} threads, {host['cpu']} "
+          f"({host['cpu_capability']}, native bf16: {host['native_bf16']})")
     print(header)
     for case in cases:
         key = f"{case.model}-{case.dtype}"
@@ -236,12 +241,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * floor['measured_fraction_of_floor']:.0f}% of the floor")
             for line in floor["heaviest"]:
                 print("   ", line)
-    targets = check_targets(by_name)
+    targets = check_targets(by_name, host["native_bf16"])
     for line in targets:
         print(line)
     if args.json:
-        meta = {"torch": torch.__version__, "threads": args.threads,
-                "python": platform.python_version(), "machine": platform.machine(),
+        meta = {**common.versions(), "threads": args.threads, "machine": host,
                 "parameters": {m: n.num_parameters() for m, n in networks.items()}}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results, "floors": floors, "targets": targets},

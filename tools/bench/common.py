@@ -55,8 +55,9 @@ def versions() -> dict[str, str]:
 
 
 def native_bf16() -> bool:
-    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX); without it torch converts
-    every bf16 operand to fp32 first and bf16 inference is slower than fp32."""
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX). Without it bf16 matmuls
+    take an emulated path: on a Zen 3 (AVX2) a 256 x 256 by 1024 x 256 bf16 ``F.linear`` ran at
+    17 GFLOP/s against 107 in fp32, so bf16 inference there is slower than fp32."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 

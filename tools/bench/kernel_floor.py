@@ -81,15 +81,22 @@ class _Recorder(TorchDispatchMode):
 
 @dataclass
 class KernelFloor:
-    seconds: float  # sum over calls of each call's time alone
-    matmul_seconds: float
+    matmul_seconds: float  # sum over matmul calls of each call's time alone
     attention_seconds: float
-    flops: float
     matmul_flops: float
     attention_flops: float
     calls: int
     distinct: int
     table: list[tuple[str, str, int, float, float]]  # name, shapes, count, s each, FLOP each
+
+    @property
+    def seconds(self) -> float:
+        """The floor: every recorded call, each timed alone."""
+        return self.matmul_seconds + self.attention_seconds
+
+    @property
+    def flops(self) -> float:
+        return self.matmul_flops + self.attention_flops
 
     def rows(self, limit: int = 8) -> list[str]:
         """The heaviest distinct calls, one line each."""
@@ -119,11 +126,9 @@ def kernel_floor(work: Callable[[], object], repeats: int = 7) -> KernelFloor:
             shapes = " ".join(str(list(a[1])) for a in args
                               if isinstance(a, tuple) and a and a[0] == "tensor")
             table.append((name, shapes, count, statistics.median(walls), _flops(name, args)))
-    matmul = sum(c * t for n, _, c, t, _ in table if n != _ATTENTION)
-    attention = sum(c * t for n, _, c, t, _ in table if n == _ATTENTION)
     return KernelFloor(
-        seconds=matmul + attention, matmul_seconds=matmul, attention_seconds=attention,
-        flops=sum(c * f for _, _, c, _, f in table),
+        matmul_seconds=sum(c * t for n, _, c, t, _ in table if n != _ATTENTION),
+        attention_seconds=sum(c * t for n, _, c, t, _ in table if n == _ATTENTION),
         matmul_flops=sum(c * f for n, _, c, _, f in table if n != _ATTENTION),
         attention_flops=sum(c * f for n, _, c, _, f in table if n == _ATTENTION),
         calls=sum(recorder.calls.values()),

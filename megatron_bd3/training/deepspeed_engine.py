@@ -265,9 +265,11 @@ def resolve_deepspeed_config(
     # otherwise insists on its JIT-built CPUAdam for offload.
     if offloads_optimizer(config) and torch_adam:
         config["zero_force_ds_cpu_optimizer"] = False
-    # On a GPU, torch's AdamW runs its fused CUDA kernel (one launch for all parameters; DeepSpeed
-    # passes unknown optimizer params through to torch.optim.AdamW). Offloaded states stay on CPU.
-    if torch_adam and device == "cuda" and not offloads_optimizer(config):
+    # torch's AdamW runs its fused kernel (DeepSpeed passes unknown optimizer params through to
+    # torch.optim.AdamW): on a GPU one launch for all parameters; on CPU, and for states offloaded
+    # to CPU, one vectorised pass instead of a Python loop of ~12 ops per parameter (7.4M
+    # parameters in 45 tensors on 2 Zen 3 cores: 5 ms per step against 27-39 ms; docs/bench).
+    if torch_adam:
         config["optimizer"]["params"]["fused"] = True
     return config
 
@@ -359,14 +361,20 @@ def grad_norm_model_parallel(params, mpu: MegatronMPU) -> float:
 
     TP-split parameters count on every TP rank, TP-replicated ones on TP rank 0 only, summed over
     the model-parallel (TP x PP) group -- DeepSpeed's rule, used where it reports no norm (ZeRO-0).
+    One multi-tensor norm (fp32 per tensor, squares summed in fp64) and one host read: no copy of
+    any gradient and no device synchronisation per parameter.
     """
-    total = torch.zeros((), dtype=torch.float64)
     tp_rank = mpu.get_tensor_model_parallel_rank()
-    for p in params:
-        if p.grad is None:
-            continue
-        if tp_rank == 0 or getattr(p, "tensor_model_parallel", False):
-            total += p.grad.detach().to(torch.float64).pow(2).sum().cpu()
+    grads = [
+        p.grad.detach()
+        for p in params
+        if p.grad is not None and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
+    ]
+    if grads:
+        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)  # one per tensor
+        total = torch.stack(norms).to(torch.float64).square().sum()
+    else:
+        total = torch.zeros((), dtype=torch.float64)
     if dist.is_initialized() and mpu.get_model_parallel_world_size() > 1:
         device = next(iter(params)).device if params else torch.device("cpu")
         total = total.to(device)
@@ -415,7 +423,10 @@ class DeepSpeedStepper:
         self.set_lr(lr)
         norm = None
         if not self.engine_forward:
-            self.engine.allreduce_gradients()
+            # ZeRO-0 on one data-parallel rank: DeepSpeed would still flatten every gradient into
+            # a bucket, "all-reduce" it over one rank and copy it back (a 2x gradient-size copy).
+            if self.zero_stage != 0 or self.engine.seq_dp_world_size > 1:
+                self.engine.allreduce_gradients()
             if self.zero_stage == 0:
                 norm = grad_norm_model_parallel(
                     [p for c in self.chunks for p in c.parameters()], self.mpu

@@ -73,8 +73,8 @@ def resolve_precision(config: RunConfig, machine: Machine) -> str:
 
 
 def resolve_torch_adam(config: RunConfig, machine: Machine) -> bool:
-    """torch.optim.AdamW inside DeepSpeed by default, on CPU and GPU: nothing is JIT-built (on a
-    GPU it runs torch's fused CUDA AdamW, see resolve_deepspeed_config). optimizer.torch_adam=false
+    """torch.optim.AdamW inside DeepSpeed by default, on CPU and GPU: nothing is JIT-built (it
+    runs torch's fused kernel, CUDA or CPU, see resolve_deepspeed_config). optimizer.torch_adam=false
     selects DeepSpeed's own FusedAdam, which JIT-builds a CUDA extension with nvcc at start-up
     (measured on an H100 image whose TORCH_CUDA_ARCH_LIST names "9.0a": DeepSpeed 0.19.8 fails
     to parse it, so that build cannot even start there)."""

@@ -29,3 +29,23 @@ def test_two_ranks_with_every_zero_stage_match_a_single_process_reference():
         assert float(param_diff) < TOLERANCE, (path, rank, param_diff)
         assert float(norm_diff) < TOLERANCE, (path, rank, norm_diff)
     assert seen == {(n, int(n[4])) for n in JSONS}
+
+
+@pytest.mark.distributed
+def test_one_rank_matches_the_reference_without_the_data_parallel_reduction():
+    """On one data-parallel rank the ZeRO-0 stepper skips DeepSpeed's gradient all-reduce (a
+    flatten + copy-back over one rank) and computes the norm itself: same parameters and norms."""
+    names = ["zero0.json", "zero1.json"]
+    paths = [str(REPO_ROOT / "configs" / "deepspeed" / name) for name in names]
+    out = run_distributed(WORKER, 1, *paths, timeout=180)
+    rows = re.findall(
+        r"RESULT (\S+) rank=0 stage=(\d) engine_forward=(\w+) "
+        r"max_param_diff=(\S+) max_norm_diff=(\S+)",
+        out,
+    )
+    assert [(Path(path).name, int(stage)) for path, stage, *_ in rows] == [
+        ("zero0.json", 0), ("zero1.json", 1)
+    ], out[-3000:]
+    for path, _, _, param_diff, norm_diff in rows:
+        assert float(param_diff) < TOLERANCE, (path, param_diff)
+        assert float(norm_diff) < TOLERANCE, (path, norm_diff)

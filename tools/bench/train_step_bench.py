@@ -22,8 +22,11 @@ gradient clipping 1.0), one rank, in-process. The AR case uses the same machiner
 next-token forward_step defined here.
 
 Timing: all cases are built in ONE process and stepped round-robin (one step of every case per
-round, order rotated), so ratios such as BD3 ÷ AR compare steps taken under the same background
-load; each figure is the median over --steps rounds after --warmup steps of every case. Wall
+round), so ratios such as BD3 ÷ AR compare steps taken under the same background load; each
+figure is the median over --steps rounds after --warmup steps of every case. Each round takes
+the cases in its own seeded random order, so no case always runs right after the same other one
+(with a rotated fixed order, bd3-L512-B4 always followed ar-L256 and came out 2-5% slower than
+B16 in 3 of 4 passes, which a 3-case rerun in either order did not reproduce: 0.98-0.99). Wall
 and CPU time (process_time, both threads) are recorded; per phase: noise, forward (+ NELBO),
 backward (+ loss reduction), optimizer (DeepSpeed step incl. clipping). --passes repeats the
 whole measurement in a fresh process.
@@ -55,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -403,7 +407,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
     load = [common.load_average()]
     rounds: list[dict[str, dict[str, float]]] = []
     for r in range(args.steps):
-        order = runners[r % len(runners):] + runners[: r % len(runners)]
+        order = random.Random(r).sample(runners, len(runners))
         rounds.append({runner.case.name: runner.step() for runner in order})
         load.append(common.load_average())
     peak_after = common.matmul_flops()

@@ -8,7 +8,8 @@ must travel with the working tree. This collects exactly that: the dependency cl
 read from this environment's installed metadata, of the runtime packages below plus pytest, at
 the versions installed here (setup.py's pins), without torch and without what the GPU checks
 never import (wandb is optional and logged as off when absent; gensim carries the embedded
-corpus, pyarrow and tokenizers read input formats of the data tools). Binary wheels are
+corpus, pyarrow reads parquet input of the data tools). ``tokenizers`` is in: the trainer loads
+the synthetic GPT-2-sized tokenizer of docs/bench/gpu.md through it. Binary wheels are
 downloaded for the target Python; DeepSpeed publishes only a source distribution, so its wheel
 is built here without compiled ops (``DS_BUILD_OPS=0``, as on the first H100 run).
 
@@ -30,8 +31,8 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-ROOTS = ("megatron-core", "deepspeed", "webdataset", "sentencepiece", "safetensors", "pyyaml",
-         "tqdm", "numpy", "pytest")
+ROOTS = ("megatron-core", "deepspeed", "webdataset", "sentencepiece", "tokenizers", "safetensors",
+         "pyyaml", "tqdm", "numpy", "pytest")
 EXCLUDED = frozenset({"torch"})
 SOURCE_ONLY = frozenset({"deepspeed"})
 CARRY_LIMIT_BYTES = 64 * 2**20

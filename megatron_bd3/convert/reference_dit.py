@@ -2,7 +2,7 @@
 
 Used by the parity check of the reference-format conversions: the folded standalone network must
 compute what the reference network computes from its own, unfolded tensors. Written from the
-method doc §1.3, §4.1 and §8.1, not from the standalone code, so that it can disagree:
+docs/method.md §1.3, §4.1 and §8.1, not from the standalone code, so that it can disagree:
 
     c      = SiLU(sigma_map(sinusoid(0)))                   (time conditioning off)
     h      = x + gate_a * attn_out(Attn(RoPE(attn_qkv(LN(x) * w1 * (1 + scale_a) + shift_a))))

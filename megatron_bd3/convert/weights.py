@@ -1,7 +1,7 @@
 """The exact tensor mapping between a TP=1 megatron BD3Model state dict and the standalone
 BD3Network state dict (torch only; both directions).
 
-Both sides are the same pre-LN transformer (method doc §8.1), so the mapping is a renaming plus
+Both sides are the same pre-LN transformer (docs/method.md §8.1), so the mapping is a renaming plus
 two layout changes:
 
 * **Vocabulary padding.** megatron's embedding and output layer have ``padded_vocab_size`` rows

@@ -2,7 +2,7 @@
 
 BD3-LM trains on sequences of exactly L tokens (the [x_t ; x_0] attention mask has a fixed size
 2L): documents are concatenated with EOS after each one and the stream is cut into pieces, with no
-padding and no per-document masking (method doc §1.2, §2.2). This matches the reference's
+padding and no per-document masking (docs/method.md §1.2, §2.2). This matches the reference's
 `wrap=True` data path:
   - `insert_eos=True`: EOS after every document (the reference's `insert_{train,valid}_eos`);
   - `insert_special=True`: every chunk of L-2 content tokens becomes BOS + chunk + EOS (the

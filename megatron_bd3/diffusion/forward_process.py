@@ -1,4 +1,4 @@
-"""The forward process q(x_t | x_0) with optional masked-fraction resampling (method doc §2.2).
+"""The forward process q(x_t | x_0) with optional masked-fraction resampling (docs/method.md §2.2).
 
 :func:`noise_batch` is the one call the trainer and the evaluator use: it draws the per-block
 times, the mask, and the per-token loss weights, all layout-invariant (see ``timesteps``).

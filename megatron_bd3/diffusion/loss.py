@@ -1,4 +1,4 @@
-"""SUBS parameterisation and the block-diffusion NELBO (method doc §2.2 items 7-9, §2.3).
+"""SUBS parameterisation and the block-diffusion NELBO (docs/method.md §2.2 items 7-9, §2.3).
 
 Single source: every loss goes through :func:`nelbo_from_token_nll`. The model under tensor
 parallelism computes ``token_nll`` itself with vocab-parallel cross-entropy on logits whose

@@ -1,4 +1,4 @@
-"""Block-diffusion attention masks (method doc §1 and §3.3).
+"""Block-diffusion attention masks (docs/method.md §1 and §3.3).
 
 Training runs one forward pass over the concatenation ``[x_t ; x_0]`` of length ``2L``. Position
 ``i < L`` is noisy token ``i``; position ``i >= L`` is clean token ``i - L``. Every mask here uses
@@ -42,7 +42,7 @@ def validate_block_layout(seq_len: int, block_size: int) -> None:
 def block_diffusion_allowed(
     q_idx: torch.Tensor | int, kv_idx: torch.Tensor | int, seq_len: int, block_size: int
 ) -> torch.Tensor | bool:
-    """The BD3-LM training-mask predicate over ``[x_t ; x_0]`` (method doc §1.1).
+    """The BD3-LM training-mask predicate over ``[x_t ; x_0]`` (docs/method.md §1.1).
 
     ``q_idx`` / ``kv_idx`` are positions in ``[0, 2L)`` (int tensors, broadcast elementwise, or
     plain ints). Returns True where the query may attend to the key:
@@ -137,7 +137,7 @@ def sampling_mask(
     query_block_only: bool = False,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Sampling-time mask over the window ``[clean prefix ; current block]`` (method doc §3.3).
+    """Sampling-time mask over the window ``[clean prefix ; current block]`` (docs/method.md §3.3).
 
     The window has ``W = prefix_len + block_size`` positions: the clean prefix (a whole number of
     blocks, already generated or a prompt) followed by the block being denoised. Window position

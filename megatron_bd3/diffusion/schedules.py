@@ -1,4 +1,4 @@
-"""Noise schedules and clip ranges (method doc §2.1-§2.4).
+"""Noise schedules and clip ranges (docs/method.md §2.1-§2.4).
 
 A schedule maps diffusion time ``t in [0, 1]`` to the keep probability ``alpha_t``. Everything
 the trainer needs follows from it:
@@ -220,7 +220,7 @@ def get_noise_schedule(name: str, *, mdlm_loss_scale: bool = False) -> NoiseSche
 class ClipRange:
     """Clip range ``[eps_min, eps_max]`` of the sampled time (reference ``sampling_eps_min/max``).
 
-    ``t`` is drawn in this range (method doc §2.2 item 2); with the linear schedule it is the mask
+    ``t`` is drawn in this range (docs/method.md §2.2 item 2); with the linear schedule it is the mask
     rate. The default ``(1e-3, 1)`` is the unclipped ELBO.
     """
 
@@ -257,7 +257,7 @@ def loss_weight_with_clipping(
     """Per-token weight used by the trainer: the schedule's weight, or 1 (plain CE) when the
     lower bound of ``t`` exceeds 0.5.
 
-    Reference rule (method doc §2.2 item 8): with ``sampling_eps_min > 0.5`` the loss scale is
+    Reference rule (docs/method.md §2.2 item 8): with ``sampling_eps_min > 0.5`` the loss scale is
     replaced by ones; only reachable for B=1 full masking (``t`` fixed at 1), where it makes the
     loss the exact AR cross-entropy.
     """
@@ -269,7 +269,7 @@ def loss_weight_with_clipping(
 def clip_search_grid(
     widths: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9), delta: float = 0.05
 ) -> list[ClipRange]:
-    """Candidate clip ranges of the data-driven search (method doc §2.4).
+    """Candidate clip ranges of the data-driven search (docs/method.md §2.4).
 
     First the ELBO interval ``(1e-3, 1)``, then for each width ``w`` and each start
     ``s in {0, delta, 2 delta, ..., 1 - w}``: ``(max(s, 1e-3), s + w)``. Starts are computed as

@@ -1,4 +1,4 @@
-"""Layout-invariant randomness: per-block diffusion times and token noise (method doc §2.2).
+"""Layout-invariant randomness: per-block diffusion times and token noise (docs/method.md §2.2).
 
 The reference draws ``torch.rand`` per device and stratifies ``t`` over the *local* micro-batch
 (pitfall 5 of the method doc), so a sample's noise depends on how the global batch was split.

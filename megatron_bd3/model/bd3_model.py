@@ -1,6 +1,6 @@
 """BD3Model: the block-diffusion language model on megatron-core (a LanguageModule).
 
-Training forward (method doc §1-§2): the input is the two streams [x_t ; x_0] (2L tokens), both
+Training forward (docs/method.md §1-§2): the input is the two streams [x_t ; x_0] (2L tokens), both
 carrying positions 0..L-1 for RoPE, run once through megatron's TransformerBlock under the BD3
 mask (noisy block b sees itself and clean blocks < b; clean block b sees clean blocks ≤ b). Only
 the x_t half reaches the output layer; the clean half exists to provide keys/values at every layer.
@@ -12,7 +12,7 @@ Work the loss cannot see is skipped (same loss up to summation order, tested):
 * the last layer computes only the x_t queries (self_attention.py; the training mask's
   "x_t outputs only" variant tells it that nothing reads the x_0 half);
 * only the masked x_t positions are projected onto the vocabulary (carry-over unmasking gives
-  every other position zero loss, method doc §2.2 item 7), and with TP = 1 SUBS + cross-entropy
+  every other position zero loss, docs/method.md §2.2 item 7), and with TP = 1 SUBS + cross-entropy
   is one masked fill and one fused log-softmax;
 * with B = L (MDLM) the x_0 stream is dropped altogether (config.single_stream): the only block
   has no earlier clean blocks, so x_t never attends to x_0.
@@ -255,7 +255,7 @@ class BD3Model(LanguageModule):
         window [clean prefix ; noisy block] under megatron_bd3.diffusion.sampling_mask gives the
         training logits of that block. With a KVCache the n tokens attend to the cached tokens
         plus themselves: run each finished clean block once with `kv_cache.store = True`, then
-        the denoising calls of the next block with `store = False` (method doc §3.3).
+        the denoising calls of the next block with `store = False` (docs/method.md §3.3).
 
         Args:
             tokens: [b, n] token ids.
@@ -390,7 +390,7 @@ class BD3Model(LanguageModule):
     def _masked_token_nll(self, hidden_states: Tensor, labels: Tensor, masked: Tensor) -> Tensor:
         """-log p_θ(x_0 | x_t) at the masked x_t positions, 0 elsewhere: [b, L].
 
-        Only masked positions carry loss (carry-over unmasking, method doc §2.2 item 7), so only
+        Only masked positions carry loss (carry-over unmasking, docs/method.md §2.2 item 7), so only
         their final hidden states are projected onto the vocabulary — about half the output
         layer and cross-entropy work of projecting all L positions at t ~ U[0, 1]."""
         if masked.dtype != torch.bool or masked.shape != labels.shape:

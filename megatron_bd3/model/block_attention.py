@@ -1,6 +1,6 @@
 """The BD3 training attention over [x_t ; x_0] without the dense 2L × 2L work (CPU).
 
-The training mask (method doc §1.1) is dense-free in structure: x_t block b attends to its own
+The training mask (docs/method.md §1.1) is dense-free in structure: x_t block b attends to its own
 noisy block and to clean blocks < b; x_0 block b attends to clean blocks ≤ b. On CPU,
 scaled_dot_product_attention with the dense bool mask computes every masked-out score anyway
 (torch's CPU flash kernel skips no tile for an explicit mask, and at these lengths none for
@@ -198,7 +198,7 @@ def block_diffusion_attention(
     softmax_scale: float,
     chunk: int | None = None,
 ) -> Tensor:
-    """The BD3 training attention of [x_t ; x_0] (method doc §1.1), block-structured.
+    """The BD3 training attention of [x_t ; x_0] (docs/method.md §1.1), block-structured.
 
     Args:
         query: [2L, b, np, hn] (both streams), or [L, b, np, hn] for the x_t queries only.

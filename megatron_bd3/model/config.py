@@ -10,7 +10,7 @@ Presets:
     reference_architecture()  the overrides that make the network match the reference DiT
                        backbone (pre-LN, LayerNorm eps 1e-5, GELU tanh, RoPE rotate-half base
                        10000 over the whole head, untied embeddings, qkv/out without bias, MLP and
-                       output layer with bias; method doc §8.1)
+                       output layer with bias; docs/method.md §8.1)
 """
 
 from __future__ import annotations
@@ -288,7 +288,7 @@ class BD3Config(TransformerConfig):
 
 
 def reference_architecture(dropout: float = 0.1) -> dict[str, Any]:
-    """Overrides that make a BD3Config match the reference DiT backbone exactly (method §8.1).
+    """Overrides that make a BD3Config match the reference DiT backbone exactly (docs/method.md §8.1).
 
     The reference block is pre-LN with adaLN modulation; with time conditioning off the
     modulation is constant, so it folds into LayerNorm weight/bias and the out-projection rows.
@@ -358,7 +358,7 @@ def ar_config(
     """B = 1 with full masking (fixed_t = 1, so every x_t token is [MASK]).
 
     Each noisy token then sees only itself (a [MASK]) and the clean tokens before it, and its
-    loss weight is 1: the NELBO is exactly the AR next-token NLL (method §1.1, §2.4).
+    loss weight is 1: the NELBO is exactly the AR next-token NLL (docs/method.md §1.1, §2.4).
     """
     overrides.setdefault("fixed_t", 1.0)
     return bd3_config(

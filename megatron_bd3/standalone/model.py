@@ -1,4 +1,4 @@
-"""The BD3-LM network as a plain pre-LN transformer, torch only (method doc §1.3, §4.1, §8.1).
+"""The BD3-LM network as a plain pre-LN transformer, torch only (docs/method.md §1.3, §4.1, §8.1).
 
 The reference backbone is a DiT with adaLN modulation, but with time conditioning off every adaLN
 term is a learned constant, so it is exactly this network with the constants folded into the
@@ -83,7 +83,7 @@ class BD3Config:
     mlp_bias: bool = True
     output_bias: bool = True
     tie_embeddings: bool = False
-    sampling_eps_min: float = 1e-3  # learned clip range of the masking rate (method doc §2.4)
+    sampling_eps_min: float = 1e-3  # learned clip range of the masking rate (docs/method.md §2.4)
     sampling_eps_max: float = 1.0
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -387,7 +387,7 @@ _GELU_SCALE = 2.0 * math.sqrt(2.0 / math.pi)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU with the tanh approximation, as the reference (method doc §4.1).
+    """GELU with the tanh approximation, as the reference (docs/method.md §4.1).
 
     0.5·x·(1 + tanh(z)) = x·sigmoid(2z) with z = sqrt(2/π)·(x + 0.044715·x³): the same function,
     written through sigmoid because torch's CPU tanh is slow (fp32: 2x faster than
@@ -525,7 +525,7 @@ class BD3Network(nn.Module):
         return self._run(tokens, positions, attn_mask, None, query_index)
 
     def forward_train(self, x_t: torch.Tensor, x_0: torch.Tensor) -> torch.Tensor:
-        """Two-stream training pass (method doc §1): one pass over ``[x_t ; x_0]`` (``[b, 2L]``)
+        """Two-stream training pass (docs/method.md §1): one pass over ``[x_t ; x_0]`` (``[b, 2L]``)
         with positions ``[0..L-1, 0..L-1]`` and the block-diffusion mask. Returns the x_t half's
         raw logits ``[b, L, V]`` (SUBS is applied by the loss, not here)."""
         if x_t.shape != x_0.shape or x_t.dim() != 2:

@@ -1,6 +1,6 @@
 """Convert between the standalone network and the reference BD3LM Hugging Face layout (torch only).
 
-The reference (kuleshov-group/bd3lms, ``models/hf``; method doc §8.1) stores a DiT backbone with
+The reference (kuleshov-group/bd3lms, ``models/hf``; docs/method.md §8.1) stores a DiT backbone with
 adaLN modulation under keys ``backbone.*`` plus ``config.json`` with ``model_type: "bd3lm"``.
 With time conditioning off, the conditioning vector is a constant,
 ``c = SiLU(sigma_map(0))`` (sigma_map = Linear(256, cond) -> SiLU -> Linear(cond, cond) on the
@@ -18,7 +18,7 @@ w - 1``: ``1 + (w - 1)`` is not ``w`` in floating point unless ``0.5 <= w <= 2``
 import gives back the identical tensors, bit for bit. ``sigma_map`` is exported as zeros (its
 output is multiplied by the zero adaLN weights). The reference's persistent buffers
 ``backbone.rotary_emb.inv_freq`` and ``sampling_eps_min/max`` are written too and accepted (and
-checked) on import; the learned clip range is taken from them (method doc §7, pitfall 7).
+checked) on import; the learned clip range is taken from them (docs/method.md §7, pitfall 7).
 
 Only the reference architecture converts: multi-head attention (no GQA), no qkv/attn_out bias,
 MLP biases, output bias, ffn = 4 * hidden, untied embeddings, rotary base 10000, eps 1e-5.

@@ -1,4 +1,4 @@
-"""Block-by-block BD3-LM generation (Algorithm 2, method doc §3), torch only.
+"""Block-by-block BD3-LM generation (Algorithm 2, docs/method.md §3), torch only.
 
 The sequence grows one block of ``B`` tokens at a time. A new block starts all [MASK]; a sampler
 reveals its tokens over several network calls, each call seeing the clean context before the
@@ -288,7 +288,7 @@ def _finish(state: _State, sequence: torch.Tensor, cut: int, reason: str, t0: fl
 
 def _stop_reason(state: _State, tokens: torch.Tensor, config: SamplerConfig,
                  model_config) -> str | None:
-    """Stop rules after a finished block (method doc §3.5); sets ``state.cut``."""
+    """Stop rules after a finished block (docs/method.md §3.5); sets ``state.cut``."""
     end = min(state.block_end, state.length)
     reason = None
     if config.stop_eos_count is not None:

@@ -1,4 +1,4 @@
-"""Validation (NELBO perplexity, method §6.1) and the clip-range search (§2.4), with EMA weights.
+"""Validation (NELBO perplexity, docs/method.md §6.1) and the clip-range search (§2.4), with EMA weights.
 
 Per validation batch: one Monte-Carlo t per (sequence, block), stratified over the batch, on the
 ELBO interval (1e-3, 1), no resampling; per-token loss -(1/t) log p at masked positions. Position 0

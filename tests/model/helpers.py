@@ -1,7 +1,7 @@
 """Shared pieces of the model tests: tiny configs, a reference mask, batches, weight splitting.
 
 Everything numerical here is written independently of megatron_bd3.model (the code under test):
-the block-diffusion mask is built from block matrices (method doc §1.1, M_full =
+the block-diffusion mask is built from block matrices (docs/method.md §1.1, M_full =
 [[M_BD, M_OBC], [0, M_BC]]) rather than from the predicate in megatron_bd3.diffusion.
 """
 

@@ -156,7 +156,7 @@ def test_block_size_l_is_mdlm(single_rank):
 
 
 def explicit_block_loop_nelbo(logits, batch) -> torch.Tensor:
-    """Per-token NELBO by loops over sequences, blocks and tokens (method doc §2.2 items 7-9)."""
+    """Per-token NELBO by loops over sequences, blocks and tokens (docs/method.md §2.2 items 7-9)."""
     total = torch.zeros((), dtype=torch.float64)
     b, L = batch["x_0"].shape
     for row in range(b):

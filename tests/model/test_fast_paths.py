@@ -122,7 +122,7 @@ def _rope(x, positions):
 
 
 def brute_force_nelbo(params, config: BD3Config, batch, two_stream: bool):
-    """The BD3 training loss from megatron-layout weights, by hand in float64 (method doc §1-§2):
+    """The BD3 training loss from megatron-layout weights, by hand in float64 (docs/method.md §1-§2):
     pre-LN layers, per-head [q; k; v] rows, RoPE at positions [0..L-1] per stream, the block-
     diffusion mask over [x_t ; x_0] (or x_t alone with full attention), SUBS, NELBO."""
     L, heads, layers = config.seq_length, config.num_attention_heads, config.num_layers

@@ -95,7 +95,7 @@ def test_strict_loading_names_the_tensor(tmp_path):
 
 def test_forward_train_equals_per_block_recomputation():
     """The x_t-half logits of block b equal one plain pass over [x_0 blocks < b ; x_t block b]
-    with a block-causal mask (the meaning of the two-stream mask, method doc §1)."""
+    with a block-causal mask (the meaning of the two-stream mask, docs/method.md §1)."""
     network = tiny_network(seed=3)
     B, L = 4, 16
     g = torch.Generator().manual_seed(0)

@@ -1,7 +1,7 @@
 """Conversion between the trainer's checkpoints, the standalone model and the reference format.
 
     weights             the exact TP=1 megatron <-> standalone tensor mapping (torch only)
-    config_map          megatron BD3Config <-> standalone BD3Config
+    config_map          megatron BD3Config <-> standalone NetworkConfig
     trainer_checkpoint  checkpoint_to_standalone / standalone_to_checkpoint (megatron in-process,
                         one rank, any saved TP/PP layout)
     reference           standalone <-> reference BD3LM Hugging Face directories

@@ -1,4 +1,4 @@
-"""BD3Config (megatron) <-> standalone BD3Config: the same network described twice.
+"""BD3Config (megatron) <-> NetworkConfig (standalone): one field table maps the network both ways.
 
 The standalone network is a fixed pre-LN transformer (LayerNorm with bias, GELU-tanh MLP, RoPE
 rotate-half over the whole head, softmax scale 1/sqrt(head_dim)); only its sizes, biases, tying,
@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from megatron_bd3.model.config import BD3Config, gelu_tanh
-from megatron_bd3.standalone.model import BD3Config as StandaloneConfig
+from megatron_bd3.standalone.model import NetworkConfig
 
 __all__ = [
     "check_same_network",
@@ -63,7 +63,7 @@ def standalone_config_from_megatron(
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
-) -> StandaloneConfig:
+) -> NetworkConfig:
     """The standalone config of the network `config` describes (ValueError naming the fields
     that have no standalone equivalent). The clip range defaults to config.clip_min/clip_max."""
     problems = _unsupported(config)
@@ -71,7 +71,7 @@ def standalone_config_from_megatron(
         raise ValueError("this model cannot be exported to the standalone network: "
                          + "; ".join(problems))
     reference_layout = config.reference_bias_layout
-    return StandaloneConfig(
+    return NetworkConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         num_layers=config.num_layers,
@@ -112,7 +112,7 @@ _BIAS_LAYOUTS: dict[tuple[bool, bool, bool], dict[str, bool]] = {
 }
 
 
-def megatron_overrides_from_standalone(config: StandaloneConfig) -> dict[str, Any]:
+def megatron_overrides_from_standalone(config: NetworkConfig) -> dict[str, Any]:
     """BD3Config keyword arguments for the network `config` describes (sizes, biases, tying,
     norm/activation/rotary settings). Parallel sizes, dropout and the noise settings are left to
     the caller. A bias layout megatron cannot build is refused (see _BIAS_LAYOUTS)."""
@@ -156,7 +156,7 @@ def _rotary_base(value: float) -> int:
     return int(value)
 
 
-def run_config_model_section(config: StandaloneConfig) -> dict[str, Any]:
+def run_config_model_section(config: NetworkConfig) -> dict[str, Any]:
     """A run config `model:` section (architecture: reference) for the network `config`
     describes, for writing a trainer checkpoint when no run config is given. Only reference-style
     bias layouts are expressible in YAML this way; others need an explicit run config."""
@@ -199,7 +199,7 @@ NETWORK_FIELDS = (
 )
 
 
-def check_same_network(ours: StandaloneConfig, theirs: StandaloneConfig, what: str) -> None:
+def check_same_network(ours: NetworkConfig, theirs: NetworkConfig, what: str) -> None:
     """Raise ValueError naming every network field where `theirs` (e.g. the run config's model)
     differs from `ours` (the weights being converted)."""
     problems = [

@@ -50,7 +50,7 @@ from megatron_bd3.convert.weights import (
     megatron_to_standalone,
     standalone_to_megatron,
 )
-from megatron_bd3.standalone.model import BD3Config as StandaloneConfig
+from megatron_bd3.standalone.model import NetworkConfig
 from megatron_bd3.standalone.model import BD3Network
 
 logger = logging.getLogger(__name__)
@@ -370,7 +370,7 @@ def _standalone_tokenizer(directory: Path):
     return load_tokenizer(directory)
 
 
-def _run_config_for(standalone: StandaloneConfig, run_config, overrides: Sequence[str],
+def _run_config_for(standalone: NetworkConfig, run_config, overrides: Sequence[str],
                     source: Path):
     """A RunConfig: loaded from a path (+ overrides), given, or (None) derived from the
     standalone config (architecture: reference)."""

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_bd3.standalone.model import BD3Config as StandaloneConfig
+from megatron_bd3.standalone.model import NetworkConfig
 from megatron_bd3.standalone.model import tensor_set_problems
 
 __all__ = [
@@ -71,12 +71,12 @@ class MappingError(ValueError):
 # ------------------------------------------------------------------------------------ qkv layout
 
 
-def _qkv_split(config: StandaloneConfig) -> tuple[int, int, int]:
+def _qkv_split(config: NetworkConfig) -> tuple[int, int, int]:
     heads, groups = config.num_heads, config.num_query_groups
     return groups, heads // groups, config.head_dim
 
 
-def qkv_megatron_to_standalone(tensor: torch.Tensor, config: StandaloneConfig) -> torch.Tensor:
+def qkv_megatron_to_standalone(tensor: torch.Tensor, config: NetworkConfig) -> torch.Tensor:
     """megatron rows ``(group, [q x p, k, v], head_dim)`` -> standalone ``(q|k|v, head, hd)``.
 
     Works for the weight ``[(h + 2g) * hd, d]`` and the bias ``[(h + 2g) * hd]``."""
@@ -89,7 +89,7 @@ def qkv_megatron_to_standalone(tensor: torch.Tensor, config: StandaloneConfig) -
     return torch.cat((query, key, value), dim=0).contiguous()
 
 
-def qkv_standalone_to_megatron(tensor: torch.Tensor, config: StandaloneConfig) -> torch.Tensor:
+def qkv_standalone_to_megatron(tensor: torch.Tensor, config: NetworkConfig) -> torch.Tensor:
     """Inverse of :func:`qkv_megatron_to_standalone`."""
     groups, per_group, head_dim = _qkv_split(config)
     rest = tensor.shape[1:]
@@ -109,7 +109,7 @@ def qkv_standalone_to_megatron(tensor: torch.Tensor, config: StandaloneConfig) -
 # ------------------------------------------------------------------------------------ key tables
 
 
-def _layer_pairs(config: StandaloneConfig, i: int) -> list[tuple[str, str, tuple[int, ...]]]:
+def _layer_pairs(config: NetworkConfig, i: int) -> list[tuple[str, str, tuple[int, ...]]]:
     """(megatron key, standalone key, shape) of layer ``i``; shapes are the same on both sides."""
     d, f = config.hidden_size, config.ffn_hidden_size
     qkv_rows = (config.num_heads + 2 * config.num_query_groups) * config.head_dim
@@ -135,7 +135,7 @@ def _layer_pairs(config: StandaloneConfig, i: int) -> list[tuple[str, str, tuple
     return pairs
 
 
-def _pairs(config: StandaloneConfig) -> list[tuple[str, str, tuple[int, ...]]]:
+def _pairs(config: NetworkConfig) -> list[tuple[str, str, tuple[int, ...]]]:
     """Every (megatron key, standalone key, standalone shape) pair of the model."""
     d, v = config.hidden_size, config.vocab_size
     pairs = [("embedding.word_embeddings.weight", "embedding.weight", (v, d))]
@@ -158,12 +158,12 @@ def _megatron_shape(key: str, shape: tuple[int, ...], padded_vocab_size: int) ->
     return (padded_vocab_size, *shape[1:]) if key in _VOCAB_ROWS else shape
 
 
-def standalone_shapes(config: StandaloneConfig) -> dict[str, tuple[int, ...]]:
+def standalone_shapes(config: NetworkConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of the standalone network for ``config``, with its shape."""
     return {s: shape for _, s, shape in _pairs(config)}
 
 
-def megatron_shapes(config: StandaloneConfig, padded_vocab_size: int) -> dict[str, tuple[int, ...]]:
+def megatron_shapes(config: NetworkConfig, padded_vocab_size: int) -> dict[str, tuple[int, ...]]:
     """Every tensor of the TP=1 megatron BD3Model for ``config`` (``_extra_state`` excluded)."""
     return {m: _megatron_shape(m, shape, padded_vocab_size) for m, _, shape in _pairs(config)}
 
@@ -205,7 +205,7 @@ def _canonical_megatron_names(state: dict[str, object]) -> dict[str, torch.Tenso
 
 
 def megatron_to_standalone(
-    state: dict[str, object], config: StandaloneConfig, padded_vocab_size: int
+    state: dict[str, object], config: NetworkConfig, padded_vocab_size: int
 ) -> dict[str, torch.Tensor]:
     """TP=1 megatron BD3Model ``state_dict()`` -> standalone BD3Network tensors (exact copies,
     original dtype, on CPU). Strict: see :class:`MappingError`."""
@@ -226,7 +226,7 @@ def megatron_to_standalone(
 
 
 def standalone_to_megatron(
-    state: dict[str, torch.Tensor], config: StandaloneConfig, padded_vocab_size: int
+    state: dict[str, torch.Tensor], config: NetworkConfig, padded_vocab_size: int
 ) -> dict[str, torch.Tensor]:
     """Standalone BD3Network tensors -> TP=1 megatron BD3Model state dict (no ``_extra_state``;
     load it with ``strict=False`` and check the missing keys are only those). The padding rows

@@ -60,11 +60,11 @@ from megatron_bd3.diffusion import block_diffusion_mask
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
-__all__ = ["BD3Config", "BD3Network", "KVCache", "CONFIG_FILE", "WEIGHTS_FILE"]
+__all__ = ["NetworkConfig", "BD3Network", "KVCache", "CONFIG_FILE", "WEIGHTS_FILE"]
 
 
 @dataclass
-class BD3Config:
+class NetworkConfig:
     """Everything needed to build the network and to sample from it (``config.json``)."""
 
     vocab_size: int
@@ -144,7 +144,7 @@ class BD3Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> BD3Config:
+    def from_dict(cls, values: dict, source: str = "config") -> NetworkConfig:
         """Strict: an unknown or missing required field is an error naming it."""
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -167,7 +167,7 @@ class BD3Config:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> BD3Config:
+    def load(cls, directory: str | Path) -> NetworkConfig:
         path = Path(directory) / CONFIG_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found (a standalone model directory needs it)")
@@ -190,7 +190,7 @@ def _is_instance(value, expected: type) -> bool:
 
 _FIELD_TYPES = {
     f.name: {"int": int, "float": float, "bool": bool, "int | None": int}[f.type]
-    for f in dataclasses.fields(BD3Config)
+    for f in dataclasses.fields(NetworkConfig)
 }
 
 
@@ -201,7 +201,7 @@ class KVCache:
     (the sampler) decides which slot each token goes to; the network only writes and reads.
     """
 
-    def __init__(self, config: BD3Config, batch_size: int, capacity: int,
+    def __init__(self, config: NetworkConfig, batch_size: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         shape = (batch_size, config.num_query_groups, capacity, config.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device)
@@ -329,7 +329,7 @@ class LayerNorm(nn.Module):
 class Attention(nn.Module):
     """Multi-head (or grouped-query) self-attention with RoPE on q and k and an explicit mask."""
 
-    def __init__(self, config: BD3Config) -> None:
+    def __init__(self, config: NetworkConfig) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_groups = config.num_query_groups
@@ -374,7 +374,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: BD3Config) -> None:
+    def __init__(self, config: NetworkConfig) -> None:
         super().__init__()
         self.fc1 = Linear(config.hidden_size, config.ffn_hidden_size, bias=config.mlp_bias)
         self.fc2 = Linear(config.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
@@ -402,7 +402,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, config: BD3Config) -> None:
+    def __init__(self, config: NetworkConfig) -> None:
         super().__init__()
         self.attn_norm = LayerNorm(config.hidden_size, config.layernorm_eps)
         self.attn = Attention(config)
@@ -447,7 +447,7 @@ def tensor_set_problems(tensors: dict[str, torch.Tensor], expected: dict[str, tu
 class BD3Network(nn.Module):
     """The standalone BD3-LM denoiser (see the module docstring for layout and semantics)."""
 
-    def __init__(self, config: BD3Config) -> None:
+    def __init__(self, config: NetworkConfig) -> None:
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -589,7 +589,7 @@ class BD3Network(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        config = BD3Config.load(directory)
+        config = NetworkConfig.load(directory)
         path = directory / WEIGHTS_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found (a standalone model directory needs it)")

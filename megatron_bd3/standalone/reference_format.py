@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_bd3.standalone.model import BD3Config, BD3Network, tensor_set_problems
+from megatron_bd3.standalone.model import NetworkConfig, BD3Network, tensor_set_problems
 
 __all__ = [
     "FREQUENCY_EMBEDDING_SIZE",
@@ -79,7 +79,7 @@ def _reference_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
 
 
-def _check_exportable(config: BD3Config) -> None:
+def _check_exportable(config: NetworkConfig) -> None:
     problems = []
     if config.num_query_groups != config.num_heads:
         problems.append(f"num_query_groups {config.num_query_groups} != num_heads "
@@ -253,7 +253,7 @@ def import_reference(tensors: dict[str, torch.Tensor], reference_config: dict,
     vocab = cfg["vocab_size"]
     if mask_token_id is None:
         mask_token_id = cfg.get("mask_token_id", vocab - 1)
-    config = BD3Config(
+    config = NetworkConfig(
         vocab_size=vocab, hidden_size=d, num_layers=cfg["n_blocks"], num_heads=heads,
         num_query_groups=heads, ffn_hidden_size=4 * d, seq_length=cfg["model_length"],
         block_size=cfg["block_size"], mask_token_id=mask_token_id,

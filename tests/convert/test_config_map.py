@@ -14,7 +14,7 @@ from megatron_bd3.convert.config_map import (
     standalone_config_from_megatron,
 )
 from megatron_bd3.model import bd3_config, reference_architecture
-from megatron_bd3.standalone.model import BD3Config as StandaloneConfig
+from megatron_bd3.standalone.model import NetworkConfig
 
 SIZES = dict(seq_length=16, block_size=4, vocab_size=300, mask_token_id=4, num_layers=2,
              hidden_size=64, num_attention_heads=4)
@@ -43,7 +43,7 @@ def test_reference_architecture_maps_to_the_reference_standalone_layout():
 ])
 @pytest.mark.parametrize("tied", [False, True])
 def test_standalone_to_megatron_and_back_is_the_same_network(biases, tied):
-    sc = StandaloneConfig(vocab_size=300, hidden_size=64, num_layers=3, num_heads=8,
+    sc = NetworkConfig(vocab_size=300, hidden_size=64, num_layers=3, num_heads=8,
                           num_query_groups=2, ffn_hidden_size=96, seq_length=16, block_size=8,
                           mask_token_id=7, layernorm_eps=1e-6, rotary_base=500000.0,
                           output_bias=not tied, tie_embeddings=tied, sampling_eps_min=0.3,
@@ -54,7 +54,7 @@ def test_standalone_to_megatron_and_back_is_the_same_network(biases, tied):
 
 
 def test_impossible_bias_layout_is_refused():
-    sc = StandaloneConfig(vocab_size=300, hidden_size=64, num_layers=1, num_heads=4,
+    sc = NetworkConfig(vocab_size=300, hidden_size=64, num_layers=1, num_heads=4,
                           num_query_groups=4, ffn_hidden_size=256, seq_length=16, block_size=4,
                           mask_token_id=4, qkv_bias=False, attn_out_bias=True, mlp_bias=True)
     with pytest.raises(ValueError, match="qkv_bias=False, attn_out_bias=True, mlp_bias=True has no "

@@ -14,19 +14,19 @@ from megatron_bd3.convert.weights import (
     standalone_shapes,
     standalone_to_megatron,
 )
-from megatron_bd3.standalone.model import BD3Config, BD3Network
+from megatron_bd3.standalone.model import BD3Network, NetworkConfig
 
 PADDED = 384
 
 
-def config(**overrides) -> BD3Config:
+def config(**overrides) -> NetworkConfig:
     values = dict(vocab_size=300, hidden_size=24, num_layers=2, num_heads=4, num_query_groups=2,
                   ffn_hidden_size=40, seq_length=8, block_size=4, mask_token_id=4)
     values.update(overrides)
-    return BD3Config(**values)
+    return NetworkConfig(**values)
 
 
-def random_megatron_state(cfg: BD3Config, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_megatron_state(cfg: NetworkConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     state = {k: torch.randn(*shape, generator=gen) for k, shape in
              megatron_shapes(cfg, PADDED).items()}

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from megatron_bd3.standalone import BD3Config, BD3Network
+from megatron_bd3.standalone import NetworkConfig, BD3Network
 
 
-def tiny_config(**overrides) -> BD3Config:
+def tiny_config(**overrides) -> NetworkConfig:
     values = dict(
         vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_query_groups=2,
         ffn_hidden_size=64, seq_length=16, block_size=4, mask_token_id=63,
         bos_token_id=0, eos_token_id=1, pad_token_id=2,
     )
     values.update(overrides)
-    return BD3Config(**values)
+    return NetworkConfig(**values)
 
 
 def tiny_network(seed: int = 0, **overrides) -> BD3Network:

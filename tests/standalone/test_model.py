@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from megatron_bd3.standalone import BD3Config, BD3Network, KVCache
+from megatron_bd3.standalone import NetworkConfig, BD3Network, KVCache
 from tests.standalone.helpers import block_causal_mask, tiny_config, tiny_network
 
 TOLERANCE = 1e-5  # fp32; the compared computations differ only in summation order
@@ -17,13 +17,13 @@ TOLERANCE = 1e-5  # fp32; the compared computations differ only in summation ord
 def test_config_json_round_trip_and_strictness(tmp_path):
     config = tiny_config(sampling_eps_min=0.3, sampling_eps_max=0.8)
     config.save(tmp_path)
-    assert BD3Config.load(tmp_path) == config
+    assert NetworkConfig.load(tmp_path) == config
     values = json.loads((tmp_path / "config.json").read_text())
     with pytest.raises(ValueError, match=r"unknown config field\(s\) \['hidden'\]"):
-        BD3Config.from_dict(dict(values, hidden=3))
+        NetworkConfig.from_dict(dict(values, hidden=3))
     del values["block_size"]
     with pytest.raises(ValueError, match=r"missing required config field\(s\) \['block_size'\]"):
-        BD3Config.from_dict(values)
+        NetworkConfig.from_dict(values)
     with pytest.raises(ValueError, match="seq_length 18 is not a multiple of block_size 4"):
         tiny_config(seq_length=18)
     with pytest.raises(ValueError, match="mask_token_id 64 is outside the vocabulary"):

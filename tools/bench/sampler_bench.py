@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_bd3.standalone import BD3Config, BD3Network, SamplerConfig, generate
+from megatron_bd3.standalone import NetworkConfig, BD3Network, SamplerConfig, generate
 from tools.bench import common
 from tools.bench.kernel_floor import kernel_floor
 
@@ -81,7 +81,7 @@ CASES = [
 def build(model: str) -> BD3Network:
     spec = MODELS[model]
     d = spec["hidden_size"]
-    config = BD3Config(
+    config = NetworkConfig(
         num_query_groups=spec["num_heads"], ffn_hidden_size=4 * d, seq_length=1024,
         block_size=16, mask_token_id=spec["vocab_size"] - 1, bos_token_id=0, eos_token_id=1,
         **spec,

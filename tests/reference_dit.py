@@ -1,6 +1,6 @@
 """A brute-force re-implementation of the reference BD3LM DiT forward, for the tests.
 
-Written plainly from the method doc (§4.1 backbone, §8.1 reference weights by name, §1.1 mask),
+Written plainly from docs/method.md (§4.1 backbone, §8.1 reference weights by name, §1.1 mask),
 not from our model code, and kept in the reference's own adaLN form:
     c  = SiLU(sigma_map(0))      time conditioning is off, so sigma = 0 and c is a constant
     h  = x + gate_a * attn_out(Attn(RoPE(attn_qkv(mod(norm1(x), shift_a, scale_a)))))

@@ -1,7 +1,7 @@
 """Layout-invariant randomness: per-block diffusion times and token noise (docs/method.md §2.2).
 
 The reference draws ``torch.rand`` per device and stratifies ``t`` over the *local* micro-batch
-(pitfall 5 of the method doc), so a sample's noise depends on how the global batch was split.
+(docs/method.md §7, pitfall 5), so a sample's noise depends on how the global batch was split.
 Here every random number is a pure function of ``(seed, step, sample id, position, stream,
 attempt)`` computed by a counter-based hash, and ``t`` is stratified over the **whole global
 batch**. A sample therefore gets the same ``t`` and the same mask whether the global batch runs

@@ -1,4 +1,4 @@
-"""Training / sampling attention masks against loops written from the method doc's definitions."""
+"""Training / sampling attention masks against loops written from the rules of docs/method.md §1."""
 
 import pytest
 import torch

@@ -14,7 +14,7 @@ from megatron_bd3.diffusion import (
 
 EPS = 1e-3
 
-# alpha_t written from the method doc / reference formulas, independently of the module.
+# alpha_t written from docs/method.md §2.1 / the reference formulas, independently of the module.
 ALPHAS = {
     "linear": lambda t: 1 - t,
     "loglinear": lambda t: 1 - t,

@@ -3,12 +3,12 @@
     python -m tools.bench.data_bench                      # print the numbers
     python -m tools.bench.data_bench --report docs/bench/data.md
 
-Corpora: the embedded default corpus (always) and /work/shared/data/tinyshakespeare.txt (or
---extra FILE) when it exists. For each: train a sentencepiece tokenizer (not timed as part of
-prepare), run prepare_shards on the corpus repeated --repeat times (10) with 1 and 2 worker
-processes, best of --trials (2) runs (tokens/s = tokens entering the sequence stream / wall
-time, reading and writing included), then iterate the train split with
-BD3DataLoader at L = 128 and 1024 with 0 and 2 DataLoader workers (tokens/s in steady state,
+Corpora: the embedded default corpus (always) and, with --text PATH, a text file of yours (e.g.
+tinyshakespeare.txt, the second corpus of docs/bench/data.md). For each: train a sentencepiece
+tokenizer (not timed as part of prepare), run prepare_shards on the corpus repeated --repeat
+times (10) with 1 and 2 worker processes, best of --trials (2) runs (tokens/s = tokens entering
+the sequence stream / wall time, reading and writing included), then iterate the train split
+with BD3DataLoader at L = 128 and 1024 with 0 and 2 DataLoader workers (tokens/s in steady state,
 the first micro-batch — worker start-up — excluded and reported separately).
 
 The loader must never be the bottleneck: its tokens/s is compared with the training throughput
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 TINY_MODEL_TOKENS_PER_S = 20_000
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 
 
 def _versions() -> dict[str, str]:
@@ -196,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--report", help="write the markdown report to this file")
     parser.add_argument(
-        "--extra",
-        default=str(SHAKESPEARE),
-        help="a second corpus (text file), skipped when missing",
+        "--text",
+        metavar="PATH",
+        default=None,
+        help="a second corpus: a text file of yours (default: only the embedded corpus)",
     )
     parser.add_argument("--vocab-size", type=int, default=4000)
     parser.add_argument("--trials", type=int, default=2, help="prepare runs; the best counts")
@@ -211,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     corpora = [("default (Lee)", ["default"])]
-    if args.extra and Path(args.extra).is_file():
-        corpora.append((Path(args.extra).stem, [args.extra]))
+    if args.text is not None:
+        if not Path(args.text).is_file():
+            parser.error(f"--text {args.text}: no such file")
+        corpora.append((Path(args.text).stem, [args.text]))
     machine = _machine()  # the load average before this benchmark adds its own
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bd3-data-bench-") as tmp:

@@ -4,9 +4,9 @@
     python -m tools.bench.train_step_bench --lengths 512 --passes 1 --no-memory
     python -m tools.bench.train_step_bench --profile --lengths 512   # + where the time goes
 
-The configurations are those of /work/shared/docs/reference-bench.md: 4 layers, hidden 256,
-4 heads, vocab 8192 (incl. [MASK]), batch 2, fp32, dropout 0.1, AdamW, random weights, 2 threads,
-median of 10 steps after 3 warm-ups. Cases:
+The configurations are those in which the reference's step was timed (docs/bench/vs-reference.md):
+4 layers, hidden 256, 4 heads, vocab 8192 (incl. [MASK]), batch 2, fp32, dropout 0.1, AdamW,
+random weights, 2 threads, median of 10 steps after 3 warm-ups. Cases:
     bd3-L{L}-B{B}  BD3Model, two streams [x_t ; x_0] (2L tokens), block size B
     mdlm-L{L}      BD3Model with B = L: one stream of L tokens (single_stream_mdlm)
     mdlm2-L{L}     the same with the two-stream input (2L tokens), only with --two-stream-mdlm

@@ -1,4 +1,4 @@
-"""Data-driven clip-range search (paper §2.4, reference `_clipped_schedule_search`).
+"""Data-driven clip-range search (docs/method.md §2.4, reference `_clipped_schedule_search`).
 
 For every candidate interval [beta, omega] the validation loop stores, for each of the first N
 validation batches, the per-(sequence, block) losses (token losses averaged within each block,

@@ -1,7 +1,7 @@
 """Exponential moving average of the weights, sharded exactly like the model.
 
-Paper §4.3 / the reference `ExponentialMovingAverage` (MDLM and BD3-LM repos): after every optimizer
-step the update counter n is incremented first, then
+docs/method.md §4.3 / the reference `ExponentialMovingAverage` (MDLM and BD3-LM repos): after
+every optimizer step the update counter n is incremented first, then
 
     decay_n = min(decay, (1 + n) / (10 + n))            (n = 1 on the first update)
     shadow <- shadow - (1 - decay_n) * (shadow - param)

@@ -1,6 +1,6 @@
 """Learning-rate schedule as a pure function of the step.
 
-Paper §4.3: linear warm-up from 0 over `warmup_steps` (2 500), then constant
+docs/method.md §4.3: linear warm-up from 0 over `warmup_steps` (2 500), then constant
 (`transformers.get_constant_schedule_with_warmup`). A cosine decay to `min_lr` is the optional
 alternative. Being a pure function of the step, the schedule needs no state in a checkpoint:
 resuming at step s gives exactly lr(s).

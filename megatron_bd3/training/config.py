@@ -2,7 +2,8 @@
 
 A run file has the sections `model, parallel, data, optimizer, schedule, training, validation,
 checkpoint, logging, deepspeed`. A file may start from another one with `base: other.yaml`
-(resolved next to the file; chains allowed): the base is loaded first and the file's keys are
+(resolved next to the file, else a shipped config by name; chains allowed; megatron_bd3.paths
+has the rules): the base is loaded first and the file's keys are
 deep-merged on top, so a block-size variant is a few lines. Command-line overrides use dotted
 keys, `training.train_iters=200 optimizer.lr=3e-4`, and are type-checked like file values.
 
@@ -22,6 +23,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from megatron_bd3.paths import resolve_path
+
 
 class ConfigError(ValueError):
     """A run configuration is malformed; the message names the file and the key."""
@@ -34,8 +37,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Transformer shape and BD3 knobs; vocabulary size and [MASK] id come from the data.
 
-    `extra` passes further BD3Config/TransformerConfig fields through (checked when the model
-    is built), e.g. `model.extra={init_method_std: 0.02}`.
+    The megatron BD3Config of a run is built from this section, `parallel` and the diffusion keys
+    of `training` by one function, megatron_bd3.training.model_config.build_model_config. The
+    fields after `recompute` refine the chosen architecture; null keeps its value.
     """
 
     preset: Literal["bd3", "ar", "mdlm"] = "bd3"
@@ -53,7 +57,13 @@ class ModelConfig:
     dropout: float = 0.1
     attention_kernel: Literal["auto", "sdpa", "flex"] = "auto"
     recompute: Optional[Literal["full", "selective"]] = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    layernorm_epsilon: Optional[float] = None  # reference 1e-5; megatron 1e-5
+    rotary_base: Optional[int] = None  # RoPE base; both architectures 10000
+    output_layer_bias: Optional[bool] = None  # reference true; megatron false
+    tie_embeddings: Optional[bool] = None  # input embedding = output projection; both false
+    init_method_std: Optional[float] = None  # weight init std; megatron's 0.02
+    # B = L: train on x_t alone (L tokens; the same loss as [x_t ; x_0], see BD3Config).
+    single_stream_mdlm: bool = True
 
     @property
     def effective_block_size(self) -> int:
@@ -196,7 +206,7 @@ class LoggingConfig:
 class DeepSpeedSection:
     """The DeepSpeed JSON (ZeRO stage, offload, engine options) and dotted-key overrides of it."""
 
-    config: Optional[str] = "configs/deepspeed/zero1.json"
+    config: Optional[str] = "deepspeed/zero1.json"  # a path, or a shipped JSON by name
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -353,11 +363,7 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         if (
             isinstance(value, dict)
             and isinstance(out.get(key), dict)
-            and key
-            not in (
-                "extra",
-                "overrides",
-            )
+            and key != "overrides"
         ):
             out[key] = _deep_merge(out[key], value)
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
@@ -387,7 +393,10 @@ def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, 
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: `base:` must be a file name, got {base!r}")
-    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+    try:
+        base_path = resolve_path(base, "base", relative_to=path.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return _deep_merge(load_yaml_tree(base_path, (*_seen, resolved)), data)
 
 
@@ -429,7 +438,12 @@ def load_config(
     *,
     data: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Load a run config from a YAML file (or a raw mapping), apply overrides, validate."""
+    """Load a run config from a YAML file (or a raw mapping), apply overrides, validate.
+
+    `path` is resolved by megatron_bd3.paths: as given, else a shipped config by name
+    (`tiny_cpu`, `tiny_cpu.yaml`)."""
+    if path is not None:
+        path = resolve_path(path, "config")
     source = str(path) if path is not None else "<dict>"
     tree = load_yaml_tree(path) if path is not None else dict(data or {})
     if data is not None and path is not None:

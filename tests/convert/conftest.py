@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from megatron_bd3.paths import shipped_config
 from tests.dist_launcher import REPO_ROOT, run_distributed
 
 WORKER = Path(__file__).parent / "workers" / "train_and_save.py"
@@ -32,9 +33,9 @@ def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("convert_data")
     tok, data = base / "tok", base / "data"
     for cmd in (
-        ["-m", "tools.train_tokenizer", "--input", "default", "--output", str(tok),
+        ["-m", "megatron_bd3.cli.train_tokenizer", "--input", "default", "--output", str(tok),
          "--vocab-size", str(VOCAB_SIZE)],
-        ["-m", "tools.prepare_data", "--input", "default", "--tokenizer", str(tok),
+        ["-m", "megatron_bd3.cli.prepare_data", "--input", "default", "--tokenizer", str(tok),
          "--output", str(data), "--seq-length", str(SEQ_LENGTH)],
     ):
         subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, check=True,
@@ -61,7 +62,7 @@ def run_config(manifest: Path, tokenizer: Path, run_dir: Path, *, parallel: dict
         "checkpoint": {"interval": 0, "keep_last": None, "dir": str(run_dir / "ckpt")},
         "logging": {"interval": 1, "run_name": "run", "output_dir": str(run_dir), "tqdm": False,
                     "wandb": {"mode": "disabled"}},
-        "deepspeed": {"config": str(REPO_ROOT / "configs" / "deepspeed" / "zero1.json")},
+        "deepspeed": {"config": str(shipped_config("deepspeed/zero1.json"))},
     }
 
 
@@ -69,7 +70,7 @@ LAYOUTS = {
     # TP = 2 with grouped-query attention (2 groups: one per TP rank) and tied embeddings
     "tp2": dict(parallel={"tensor_model_parallel_size": 2},
                 model={"num_query_groups": 2,
-                       "extra": {"share_embeddings_and_output_weights": True}}),
+                       "tie_embeddings": True}),
     # PP = 2 (one layer per stage), the exact reference architecture (untied, MHA)
     "pp2": dict(parallel={"pipeline_model_parallel_size": 2}),
 }

@@ -38,17 +38,21 @@ setup(
     version="0.1.0",
     description="Distributed training of Block Diffusion language models (BD3-LM) on megatron-core",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_bd3", "megatron_bd3.*", "tools", "tools.*"]),
+    # megatron_bd3 alone: tools/ (demo, benchmarks) runs from the checkout and is never installed,
+    # so no top-level `tools` package lands in site-packages.
+    packages=find_packages(include=["megatron_bd3", "megatron_bd3.*"]),
+    # The shipped run configs and DeepSpeed JSONs (megatron_bd3.paths finds them by name).
+    package_data={"megatron_bd3": ["configs/*.yaml", "configs/deepspeed/*.json"]},
     include_package_data=True,
     install_requires=install_requires,
     extras_require=extras_require,
     entry_points={
         "console_scripts": [
-            "bd3-train-tokenizer=tools.train_tokenizer:main",
-            "bd3-prepare-data=tools.prepare_data:main",
-            "bd3-train=tools.train:main",
-            "bd3-convert=tools.convert:main",
-            "bd3-sample=tools.sample:main",
+            "bd3-train-tokenizer=megatron_bd3.cli.train_tokenizer:main",
+            "bd3-prepare-data=megatron_bd3.cli.prepare_data:main",
+            "bd3-train=megatron_bd3.cli.train:main",
+            "bd3-convert=megatron_bd3.cli.convert:main",
+            "bd3-sample=megatron_bd3.cli.sample:main",
         ]
     },
 )

@@ -1,13 +1,19 @@
 # Shared by launch/torchrun.sh and launch/deepspeed.sh (sourced, not run): argument check,
-# repository root, interpreter, GPU count and the environment defaults of every launcher.
+# interpreter, GPU count and the environment defaults of every launcher. Nothing here changes
+# directory: the config path and every relative path in it (data, outputs) are taken from the
+# directory the launcher is run in.
 if [[ $# -lt 1 ]]; then
     echo "usage: $0 CONFIG.yaml [section.key=value ...] [--resume auto|none|DIR]" >&2
     exit 2
 fi
 
+# The interpreter with megatron_bd3 installed: $PYTHON, else the active virtualenv's, else the
+# checkout's .venv (make install), else python3.
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "${repo_root}/.venv/bin/python" ]]; then
+    if [[ -n "${VIRTUAL_ENV:-}" && -x "${VIRTUAL_ENV}/bin/python" ]]; then
+        PYTHON="${VIRTUAL_ENV}/bin/python"
+    elif [[ -x "${repo_root}/.venv/bin/python" ]]; then
         PYTHON="${repo_root}/.venv/bin/python"
     else
         PYTHON=python3

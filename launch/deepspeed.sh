@@ -2,15 +2,17 @@
 # Launch bd3-train with DeepSpeed's launcher (ssh to every host of a hostfile).
 #
 # Single node, 2 processes (no hostfile):
-#   launch/deepspeed.sh configs/tiny_cpu.yaml
+#   launch/deepspeed.sh tiny_cpu
 # Multi-node (passwordless ssh to every host; same path and venv everywhere):
-#   HOSTFILE=launch/hostfile.example MASTER_ADDR=node0 launch/deepspeed.sh configs/owt_bd3_b4.yaml
+#   HOSTFILE=launch/hostfile.example MASTER_ADDR=node0 launch/deepspeed.sh owt_bd3_b4.yaml
 # Environment (all optional):
 #   HOSTFILE        DeepSpeed hostfile ("host slots=N" per line); unset = this machine only
 #   NUM_GPUS        processes on this machine when there is no hostfile (default: GPUs, or 2)
 #   MASTER_ADDR     address of the first host (default 127.0.0.1); MASTER_PORT (default 29500)
-#   PYTHON          interpreter (default: .venv/bin/python if present, else python3)
-# The training config picks the ZeRO stage (deepspeed.config=configs/deepspeed/zero2.json).
+#   PYTHON          interpreter (default: the active virtualenv's, else the checkout's .venv,
+#                   else python3)
+# The training config picks the ZeRO stage (deepspeed.config=deepspeed/zero2.json). Relative paths
+# (the config, data.*, outputs) are taken from the directory this is run in.
 set -euo pipefail
 
 # shellcheck source=launch/common.sh
@@ -23,8 +25,7 @@ else
     launcher_args+=(--num_gpus="${NUM_GPUS:-$(default_local_procs)}")
 fi
 
-cd "${repo_root}"
-# DeepSpeed's launcher forwards --local_rank; tools.train accepts and ignores it (the rank comes
-# from the environment it also sets).
+# DeepSpeed's launcher forwards --local_rank; megatron_bd3.cli.train accepts and ignores it (the
+# rank comes from the environment it also sets).
 exec "${PYTHON}" -m deepspeed.launcher.runner "${launcher_args[@]}" \
-    --module tools.train "$@"
+    --module megatron_bd3.cli.train "$@"

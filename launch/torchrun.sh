@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Launch bd3-train with torchrun, on one node or many.
 #
-# Single node, 2 processes:
-#   launch/torchrun.sh configs/tiny_cpu.yaml training.train_iters=200
+# Single node, 2 processes (a shipped config by name, or a path to your YAML):
+#   launch/torchrun.sh tiny_cpu training.train_iters=200
 # Multi-node (run the same command on every node; NODE_RANK differs):
 #   NNODES=2 NODE_RANK=0 NPROC_PER_NODE=8 MASTER_ADDR=node0.example MASTER_PORT=29500 \
-#       launch/torchrun.sh configs/owt_bd3_b4.yaml
+#       launch/torchrun.sh owt_bd3_b4.yaml
 # Environment (all optional):
 #   NPROC_PER_NODE  processes per node (default: number of GPUs, or 2 without GPUs)
 #   NNODES          number of nodes (default 1)
@@ -13,7 +13,9 @@
 #   MASTER_ADDR     rendezvous host (default 127.0.0.1); MASTER_PORT (default 29500)
 #   RDZV_ENDPOINT   overrides MASTER_ADDR:MASTER_PORT (host:port, c10d rendezvous)
 #   RDZV_ID         rendezvous job id for multi-node (default bd3)
-#   PYTHON          interpreter (default: .venv/bin/python if present, else python3)
+#   PYTHON          interpreter (default: the active virtualenv's, else the checkout's .venv,
+#                   else python3)
+# Relative paths (the config, data.*, outputs) are taken from the directory this is run in.
 set -euo pipefail
 
 # shellcheck source=launch/common.sh
@@ -30,9 +32,8 @@ else
                --node-rank="${NODE_RANK}")
 fi
 
-cd "${repo_root}"
 exec "${PYTHON}" -m torch.distributed.run \
     --nnodes="${NNODES}" \
     --nproc-per-node="${NPROC_PER_NODE}" \
     "${rdzv_args[@]}" \
-    -m tools.train "$@"
+    -m megatron_bd3.cli.train "$@"

@@ -7,7 +7,8 @@ Steps, each a real tool run the way a user would run it:
   4. train the tiny BD3 model on 2 CPU processes, validate, checkpoint (bd3-train via torchrun)
   5. convert the checkpoint to the standalone format and sample     (bd3-convert, bd3-sample)
 
-Everything lands under --workdir (default runs/demo); a second run starts from scratch.
+Everything lands under --workdir (default runs/demo, relative to the current directory); a second
+run starts from scratch. Run it from the checkout: `python -m tools.demo` (or `make demo`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 def _banner(text: str) -> None:
     print(f"\n=== {text} " + "=" * max(0, 74 - len(text)), flush=True)
@@ -35,10 +34,10 @@ def _run(cmd: list[str], log: Path | None = None) -> None:
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("DS_ACCELERATOR", "cpu")
     if log is None:
-        subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=True)
+        subprocess.run(cmd, env=env, check=True)
         return
     with open(log, "w") as out:
-        subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=True, stdout=out)
+        subprocess.run(cmd, env=env, check=True, stdout=out)
 
 
 def render_mask(seq_len: int, block_size: int) -> str:
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-length", type=int, default=64)
     args = parser.parse_args(argv)
 
-    workdir = (REPO_ROOT / args.workdir).resolve()
+    workdir = Path(args.workdir).resolve()
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -90,12 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     _banner("1. tokenizer on the embedded corpus")
-    _run([py, "-m", "tools.train_tokenizer", "--input", "default", "--text-mode", "line",
-          "--output", str(tokenizer_dir), "--vocab-size", str(args.vocab_size), "-q"],
+    _run([py, "-m", "megatron_bd3.cli.train_tokenizer", "--input", "default",
+          "--text-mode", "line", "--output", str(tokenizer_dir),
+          "--vocab-size", str(args.vocab_size), "-q"],
          log=workdir / "tokenizer.json.log")
 
     _banner("2. webdataset shards")
-    _run([py, "-m", "tools.prepare_data", "--input", "default", "--text-mode", "line",
+    _run([py, "-m", "megatron_bd3.cli.prepare_data", "--input", "default", "--text-mode", "line",
           "--tokenizer", str(tokenizer_dir), "--output", str(data_dir),
           "--seq-length", str(args.seq_length), "--samples-per-shard", "256",
           "--no-progress", "-q"], log=workdir / "prepare_data.json.log")
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     _banner(f"4. train the tiny BD3 model on {args.nproc} CPU processes")
     run_name = "tiny_cpu"
     _run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-          "-m", "tools.train", "configs/tiny_cpu.yaml",
+          "-m", "megatron_bd3.cli.train", "tiny_cpu.yaml",
           f"data.manifest={data_dir / 'manifest.json'}", f"data.tokenizer={tokenizer_dir}",
           f"logging.output_dir={workdir}", f"logging.run_name={run_name}",
           f"training.train_iters={args.train_iters}", "logging.tqdm=false"])
@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
     _banner("5. convert to the standalone format and sample")
     standalone_dir = workdir / "standalone"
-    _run([py, "-m", "tools.convert", "--checkpoint", str(run_dir / "checkpoints"),
+    _run([py, "-m", "megatron_bd3.cli.convert", "--checkpoint", str(run_dir / "checkpoints"),
           "--to", "standalone", "--output", str(standalone_dir)])
-    _run([py, "-m", "tools.sample", str(standalone_dir), "--num-samples", "2",
+    _run([py, "-m", "megatron_bd3.cli.sample", str(standalone_dir), "--num-samples", "2",
           "--batch-size", "2", "--length", str(2 * args.seq_length), "--top-p", "0.9",
           "--seed", "1", "--output", str(workdir / "samples.jsonl")])
 

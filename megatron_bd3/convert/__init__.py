@@ -10,7 +10,7 @@
 
 Chains: reference HF -> standalone -> checkpoint (fine-tune a released model with the trainer),
 checkpoint -> standalone -> reference HF (publish in the reference layout). The CLI is
-`bd3-convert` (tools/convert.py); see docs/convert.md.
+`bd3-convert` (megatron_bd3/cli/convert.py); see docs/convert.md.
 
 Importing this package does not import megatron-core; `trainer_checkpoint` does on first use.
 """

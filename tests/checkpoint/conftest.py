@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.dist_launcher import REPO_ROOT
+from megatron_bd3.paths import shipped_config
 from tests.training.tiny_run import prepare_tiny_data, run_trainer, tiny_config, write_config
 
 TRAIN_ITERS, INTERVAL = 8, 4
@@ -13,7 +13,7 @@ def resume_config(manifest, run_dir, **overrides):
         "model": {"dropout": 0.1},
         "training": {"train_iters": TRAIN_ITERS},
         "checkpoint": {"interval": INTERVAL},
-        "deepspeed": {"config": str(REPO_ROOT / "configs" / "deepspeed" / "zero2.json")},
+        "deepspeed": {"config": str(shipped_config("deepspeed/zero2.json"))},
     }
     for key, value in overrides.items():
         sections.setdefault(key, {}).update(value)

@@ -13,13 +13,13 @@ import yaml
 from safetensors.torch import load_file
 
 from megatron_bd3.checkpoint.atomic import read_marker
+from megatron_bd3.cli.convert import main as convert_main
 from megatron_bd3.convert.reference_dit import reference_training_logits
 from megatron_bd3.convert.trainer_checkpoint import checkpoint_to_standalone
 from megatron_bd3.data import load_tokenizer
 from megatron_bd3.standalone.model import BD3Network
 from tests.convert.conftest import VOCAB_SIZE
 from tests.dist_launcher import run_distributed
-from tools.convert import main as convert_main
 
 pytestmark = pytest.mark.distributed
 

@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 
 from megatron_bd3.checkpoint import CheckpointError
 from megatron_bd3.checkpoint.atomic import MARKER
+from megatron_bd3.cli.convert import main as convert_main
 from megatron_bd3.convert.trainer_checkpoint import (
     checkpoint_to_standalone,
     standalone_to_checkpoint,
 )
-from tools.convert import main as convert_main
 
 pytestmark = pytest.mark.distributed  # uses the checkpoints trained by the 2-rank worker
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from megatron_bd3.cli.convert import main as convert_main
+from megatron_bd3.cli.sample import main as sample_main
 from tests.convert.test_checkpoint_conversion import assert_same_files
-from tools.convert import main as convert_main
-from tools.sample import main as sample_main
 
 SAMPLE_ARGS = ["--num-samples", "3", "--batch-size", "2", "--length", "36", "--seed", "5",
                "--quiet"]

@@ -10,6 +10,7 @@ import pytest
 import sentencepiece as spm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from megatron_bd3.cli.train_tokenizer import main as train_tokenizer_main
 from megatron_bd3.data.tokenizer import (
     METADATA_FILE,
     SENTENCEPIECE_FILE,
@@ -20,7 +21,6 @@ from megatron_bd3.data.tokenizer import (
 )
 from megatron_bd3.data.tokenizer_training import SentencePieceOptions, train_sentencepiece
 from tests.data.conftest import TINY_VOCAB, lee_documents
-from tools.train_tokenizer import main as train_tokenizer_main
 
 TRICKY = "Naïve café — 日本語\ttabs\n\nnew  lines [MASK] <s> </s> <|endoftext|> ™ 🙂 end"
 

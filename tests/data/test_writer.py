@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from megatron_bd3.cli.prepare_data import main as prepare_main
 from megatron_bd3.data.loader import BD3DataLoader
 from megatron_bd3.data.shards import choose_dtype
 from megatron_bd3.data.sources import InputError, SourceOptions
 from megatron_bd3.data.tokenizer import load_tokenizer
 from megatron_bd3.data.writer import PrepareOptions, prepare_shards
 from tests.data.conftest import read_tar_samples, write_paragraph_file
-from tools.prepare_data import main as prepare_main
 
 L = 32
 

@@ -1,10 +1,12 @@
-"""launch/torchrun.sh and launch/deepspeed.sh: usage errors, and the same real 2-step run."""
+"""launch/torchrun.sh and launch/deepspeed.sh: usage errors, and the same real 2-step run started
+from another directory with relative paths only (they resolve against that directory)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,10 +16,11 @@ from tests.training.tiny_run import prepare_tiny_data, tiny_config, train_losses
 LAUNCHERS = ("torchrun.sh", "deepspeed.sh")
 
 
-def launch(script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 180):
+def launch(script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 180,
+           cwd: Path | None = None):
     return subprocess.run(
         ["bash", str(REPO_ROOT / "launch" / script), *args],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, cwd=cwd,
         env={**os.environ, "PYTHON": sys.executable, **(env or {})},
     )
 
@@ -31,18 +34,21 @@ def test_launcher_without_a_config_prints_usage(script):
 
 @pytest.mark.distributed
 def test_both_launchers_train_the_same_run(tmp_path):
-    """One process on this machine through each launcher: same logged losses step for step."""
-    manifest = prepare_tiny_data(tmp_path)
+    """One process on this machine through each launcher: same logged losses step for step.
+    Started in tmp_path with the config, data and outputs named relative to it, and the DeepSpeed
+    JSON by its shipped name."""
+    prepare_tiny_data(tmp_path)
     losses = {}
     for script in LAUNCHERS:
-        run_dir = tmp_path / script
-        config = tiny_config(manifest, run_dir, training={"train_iters": 2},
+        run_dir = Path(script)  # relative: under tmp_path, where the launcher runs
+        config = tiny_config(Path("data/manifest.json"), run_dir, training={"train_iters": 2},
                              validation={"at_end": False},
-                             checkpoint={"interval": 0, "save_final": False})
-        path = write_config(run_dir / "cfg.yaml", config)
+                             checkpoint={"interval": 0, "save_final": False},
+                             deepspeed={"config": "deepspeed/zero1.json"})
+        write_config(tmp_path / run_dir / "cfg.yaml", config)
         env = {"NPROC_PER_NODE": "1", "NUM_GPUS": "1", "MASTER_PORT": str(free_port())}
-        proc = launch(script, str(path), "--resume", "none", env=env)
+        proc = launch(script, f"{script}/cfg.yaml", "--resume", "none", env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        losses[script] = train_losses(run_dir)
+        losses[script] = train_losses(tmp_path / run_dir)
     assert sorted(losses["torchrun.sh"]) == [1, 2]
     assert losses["torchrun.sh"] == losses["deepspeed.sh"]

@@ -13,7 +13,7 @@ SCRIPT = """
 import sys, tempfile
 import megatron_bd3.standalone
 import megatron_bd3.standalone.reference_format
-import tools.sample
+import megatron_bd3.cli.sample as sample_cli
 from megatron_bd3.data.corpus import default_corpus_path
 from megatron_bd3.data.tokenizer_training import SentencePieceOptions, train_sentencepiece
 from tests.standalone.helpers import tiny_network
@@ -25,7 +25,7 @@ ids = tokenizer.special_ids
 tiny_network(vocab_size=200, mask_token_id=ids["mask_id"], bos_token_id=ids["bos_id"],
              eos_token_id=ids["eos_id"], pad_token_id=ids["pad_id"]).save_pretrained(directory)
 tokenizer.save(directory)
-assert tools.sample.main([directory, "--prompt", "The", "--length", "12", "--quiet"]) == 0
+assert sample_cli.main([directory, "--prompt", "The", "--length", "12", "--quiet"]) == 0
 print("IMPORTED", sorted(m for m in sys.modules if m.split(".")[0] in ("megatron", "deepspeed")))
 """
 

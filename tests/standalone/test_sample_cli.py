@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from megatron_bd3.cli.sample import main
 from megatron_bd3.data.corpus import default_corpus_path
 from megatron_bd3.data.tokenizer_training import SentencePieceOptions, train_sentencepiece
 from megatron_bd3.standalone import BD3Network
 from tests.standalone.helpers import tiny_network
-from tools.sample import main
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_bd3.paths import SHIPPED_CONFIGS
 from megatron_bd3.training.config import ConfigError, load_config
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -137,7 +136,7 @@ def test_base_cycle_and_missing_base_are_refused(tmp_path):
 
 
 def test_every_shipped_config_loads():
-    paths = sorted((REPO / "configs").glob("*.yaml"))
+    paths = sorted(SHIPPED_CONFIGS.glob("*.yaml"))
     assert paths, "no configs shipped"
     for path in paths:
         cfg = load_config(path)
@@ -162,7 +161,7 @@ def test_every_shipped_config_loads():
 def test_paper_recipes_carry_the_method_doc_hyperparameters(
     name, seq_length, block_size, preset, micro
 ):
-    cfg = load_config(REPO / "configs" / name)
+    cfg = load_config(SHIPPED_CONFIGS / name)
     m, o, t = cfg.model, cfg.optimizer, cfg.training
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.dropout) == (12, 768, 12, 0.1)
     assert (m.preset, m.seq_length, m.block_size) == (preset, seq_length, block_size)
@@ -187,9 +186,9 @@ def test_paper_recipes_carry_the_method_doc_hyperparameters(
 
 
 def test_finetune_recipe_starts_from_the_mdlm_pretrain_ema_weights():
-    pre = load_config(REPO / "configs" / "owt_mdlm_pretrain.yaml")
+    pre = load_config(SHIPPED_CONFIGS / "owt_mdlm_pretrain.yaml")
     for b in (4, 8, 16):
-        cfg = load_config(REPO / "configs" / f"owt_bd3_b{b}_finetune.yaml")
+        cfg = load_config(SHIPPED_CONFIGS / f"owt_bd3_b{b}_finetune.yaml")
         assert cfg.model.block_size == b and cfg.training.train_iters == 150_000
         assert cfg.checkpoint.init_from == str(pre.checkpoint_dir) and cfg.checkpoint.init_from_ema
     assert pre.training.train_iters == 850_000

@@ -1,10 +1,10 @@
 """Every combination that cannot work is refused at start-up, saying what would work."""
 
 import json
-from pathlib import Path
 
 import pytest
 
+from megatron_bd3.paths import shipped_config
 from megatron_bd3.training.config import ConfigError, load_config
 from megatron_bd3.training.deepspeed_engine import load_deepspeed_json, resolve_deepspeed_config
 from megatron_bd3.training.optimizer import (
@@ -14,14 +14,13 @@ from megatron_bd3.training.optimizer import (
     resolve_torch_adam,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 CPU = Machine("cpu", bf16_supported=True)
 CPU_NO_BF16 = Machine("cpu", bf16_supported=False)
 GPU = Machine("cuda", bf16_supported=True)
 
 
 def ds(name):
-    return load_deepspeed_json(REPO / "configs" / "deepspeed" / name)
+    return load_deepspeed_json(shipped_config(f"deepspeed/{name}"))
 
 
 def cfg(*overrides):

@@ -15,7 +15,7 @@ ZeRO-0/1/2/3 and offload at DP=2 are also checked against plain torch in test_ze
 
 import pytest
 
-from tests.dist_launcher import REPO_ROOT
+from megatron_bd3.paths import shipped_config
 from tests.training.tiny_run import (
     prepare_tiny_data,
     run_trainer,
@@ -71,7 +71,7 @@ def assert_same(reference, losses, vals):
 
 @pytest.mark.distributed
 def test_dp2_zero3_matches_one_process(reference):
-    zero3 = str(REPO_ROOT / "configs" / "deepspeed" / "zero3.json")
+    zero3 = str(shipped_config("deepspeed/zero3.json"))
     losses, vals = run_layout(
         reference,
         "dp2_zero3",

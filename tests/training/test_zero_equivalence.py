@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_launcher import REPO_ROOT, run_distributed
+from megatron_bd3.paths import shipped_config
+from tests.dist_launcher import run_distributed
 
 WORKER = Path(__file__).parent / "workers" / "zero_equivalence.py"
 JSONS = ["zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero2_offload.json"]
@@ -16,7 +17,7 @@ TOLERANCE = 1e-6
 def run_worker(nproc: int, names: list[str]) -> tuple[list[tuple[str, ...]], str]:
     """The worker on `nproc` ranks over the shipped JSONs `names`: its RESULT rows (path, rank,
     stage, engine_forward, max_param_diff, max_norm_diff) and its whole output."""
-    paths = [str(REPO_ROOT / "configs" / "deepspeed" / name) for name in names]
+    paths = [str(shipped_config(f"deepspeed/{name}")) for name in names]
     out = run_distributed(WORKER, nproc, *paths, timeout=180)
     rows = re.findall(
         r"RESULT (\S+) rank=(\d) stage=(\d) engine_forward=(\w+) "

@@ -1,8 +1,9 @@
-"""Helpers for tests that run the real trainer (tools/train.py) on a tiny model and tiny data.
+"""Helpers for tests that run the real trainer (megatron_bd3/cli/train.py) on a tiny model and
+tiny data.
 
 `prepare_tiny_data(dir)` trains a 512-piece sentencepiece tokenizer on the embedded corpus and
 writes L = 32 shards (about a second). `write_config(...)` writes a run YAML for that data;
-`run_trainer(...)` launches tools/train.py under torchrun and returns the logged metrics.
+`run_trainer(...)` launches megatron_bd3/cli/train.py under torchrun and returns the logged metrics.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from megatron_bd3.paths import shipped_config
 from tests.dist_launcher import REPO_ROOT, run_distributed
 
-TRAIN_SCRIPT = REPO_ROOT / "tools" / "train.py"
+TRAIN_SCRIPT = REPO_ROOT / "megatron_bd3" / "cli" / "train.py"
 SEQ_LENGTH = 32
 
 
@@ -27,7 +29,7 @@ def prepare_tiny_data(directory: Path) -> Path:
         for cmd in (
             [
                 "-m",
-                "tools.train_tokenizer",
+                "megatron_bd3.cli.train_tokenizer",
                 "--input",
                 "default",
                 "--output",
@@ -37,7 +39,7 @@ def prepare_tiny_data(directory: Path) -> Path:
             ],
             [
                 "-m",
-                "tools.prepare_data",
+                "megatron_bd3.cli.prepare_data",
                 "--input",
                 "default",
                 "--tokenizer",
@@ -97,7 +99,7 @@ def tiny_config(manifest: Path, run_dir: Path, **sections) -> dict:
             "tqdm": False,
             "wandb": {"mode": "disabled"},
         },
-        "deepspeed": {"config": str(REPO_ROOT / "configs" / "deepspeed" / "zero1.json")},
+        "deepspeed": {"config": str(shipped_config("deepspeed/zero1.json"))},
     }
     for section, values in sections.items():
         merged = dict(config.get(section, {}))

@@ -60,7 +60,7 @@ part_trainer() {
         echo "$data/data/manifest.json not found: prepare it here (docs/bench/gpu.md) and carry $data"
         return 2
     fi
-    launch/torchrun.sh configs/owt_bd3_b16.yaml data.manifest="$data/data/manifest.json" \
+    launch/torchrun.sh owt_bd3_b16.yaml data.manifest="$data/data/manifest.json" \
         data.tokenizer="$data/tok" training.micro_batch_size=16 training.global_batch_size=16 \
         schedule.warmup_steps=10 training.train_iters=60 logging.output_dir="$OUT" \
         'logging.profile_steps=[50, 53]'

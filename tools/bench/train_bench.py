@@ -3,10 +3,11 @@
     python -m tools.bench.train_bench      # tiny_cpu and a ~30M model, 1 and 2 processes
     python -m tools.bench.train_bench --models tiny --procs 2 --steps 40
 
-Each case runs tools/train.py (under torchrun for 2 processes) on data prepared from the
-embedded corpus, with validation and checkpoints off and a log line every step, then reads
-`metrics.jsonl`: the reported figures are the medians over the logged steps after --warmup
-steps (the first steps include one-off costs). Tokens/s counts data tokens (global batch x L);
+Each case runs bd3-train (megatron_bd3/cli/train.py; under torchrun for 2 processes) on data
+prepared from the embedded corpus, with validation and checkpoints off and a log line every
+step, then reads `metrics.jsonl`: the reported figures are the medians over the logged steps
+after --warmup steps (the first steps include one-off costs). Tokens/s counts data tokens
+(global batch x L);
 MFU = model FLOPs of the 2L stream with the sparse attention term (megatron_bd3/training/flops.py)
 / (elapsed x world size x peak FLOP/s per process). The CPU "peak" is each process's measured
 fp32 512x512 matmul throughput with its thread count, so CPU MFU says how close the step gets to
@@ -31,9 +32,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 MODELS = {
     # name: (base config, overrides, seq length of the data it needs)
-    "tiny": ("configs/tiny_cpu.yaml", [], 64),
+    "tiny": ("tiny_cpu.yaml", [], 64),
     "30m": (
-        "configs/tiny_cpu.yaml",
+        "tiny_cpu.yaml",
         [
             "model.num_layers=10",
             "model.hidden_size=512",
@@ -55,7 +56,7 @@ def prepare_data(work: Path, seq_length: int) -> tuple[Path, Path]:
             [
                 sys.executable,
                 "-m",
-                "tools.train_tokenizer",
+                "megatron_bd3.cli.train_tokenizer",
                 "--input",
                 "default",
                 "--output",
@@ -72,7 +73,7 @@ def prepare_data(work: Path, seq_length: int) -> tuple[Path, Path]:
             [
                 sys.executable,
                 "-m",
-                "tools.prepare_data",
+                "megatron_bd3.cli.prepare_data",
                 "--input",
                 "default",
                 "--tokenizer",
@@ -121,7 +122,7 @@ def run_case(work: Path, model: str, procs: int, steps: int, threads: int) -> di
     if metrics.exists():
         metrics.unlink()
     if procs == 1:
-        cmd = [sys.executable, "-m", "tools.train", *run_args]
+        cmd = [sys.executable, "-m", "megatron_bd3.cli.train", *run_args]
     else:
         cmd = [
             sys.executable,
@@ -130,7 +131,7 @@ def run_case(work: Path, model: str, procs: int, steps: int, threads: int) -> di
             "--standalone",
             f"--nproc-per-node={procs}",
             "-m",
-            "tools.train",
+            "megatron_bd3.cli.train",
             *run_args,
         ]
     start = time.perf_counter()

@@ -239,6 +239,7 @@ class Runner:
         import torch
 
         from megatron_bd3.model import build_bd3_model, forward_step
+        from megatron_bd3.paths import shipped_config
         from megatron_bd3.training.batches import NoiseSettings
         from megatron_bd3.training.deepspeed_engine import (
             build_deepspeed_engine,
@@ -251,7 +252,7 @@ class Runner:
         torch.manual_seed(seed)
         self.model = build_bd3_model(self.config)
         ds_config = resolve_deepspeed_config(
-            load_deepspeed_json(REPO_ROOT / "configs/deepspeed/zero0.json"),
+            load_deepspeed_json(shipped_config("deepspeed/zero0.json")),
             micro_batch_size=BATCH, gradient_accumulation_steps=1, data_parallel_size=1, lr=LR,
             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, clip_grad=1.0, precision="fp32",
             torch_adam=True,

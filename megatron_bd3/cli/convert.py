@@ -3,7 +3,7 @@
     bd3-convert --checkpoint RUN_OR_CKPT_DIR --to standalone --output OUT [--raw-weights]
     bd3-convert --standalone DIR --to reference  --output OUT
     bd3-convert --reference  DIR --to standalone --output OUT
-    bd3-convert --standalone DIR --to checkpoint --config configs/X.yaml --output OUT [key=value ...]
+    bd3-convert --standalone DIR --to checkpoint --config X.yaml --output OUT [key=value ...]
 
 `--checkpoint` takes a step_XXXXXXXX directory, a checkpoint root (its `latest`) or a run
 directory; checkpoints saved under any TP/PP/VPP layout and optimizer convert (their model/ and

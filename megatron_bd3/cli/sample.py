@@ -143,9 +143,9 @@ def convert_checkpoint(checkpoint: Path, output_dir: Path, raw_weights: bool = F
     Imports megatron-core, so it is only imported here, for --checkpoint: sampling a standalone
     directory must not need it. Raises what checkpoint_to_standalone raises (CheckpointError,
     MappingError, ValueError, OSError; ParityError when the check fails)."""
+    from megatron_bd3.cli.convert import quiet_conversion_notices
     from megatron_bd3.convert.parity import DEFAULT_TOLERANCE
     from megatron_bd3.convert.trainer_checkpoint import checkpoint_to_standalone
-    from tools.convert import quiet_conversion_notices
 
     quiet_conversion_notices()
     result = checkpoint_to_standalone(

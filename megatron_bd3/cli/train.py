@@ -1,13 +1,16 @@
 """bd3-train: train a BD3-LM (or the AR / MDLM baselines) from a YAML run config.
 
-    bd3-train configs/tiny_cpu.yaml                                   # one process
-    torchrun --nproc-per-node 2 -m tools.train configs/tiny_cpu.yaml  # 2 processes
-    launch/torchrun.sh configs/tiny_cpu.yaml training.train_iters=200 optimizer.lr=1e-3
-    bd3-train configs/tiny_cpu.yaml --resume auto                     # continue the latest run
+    bd3-train tiny_cpu                                                # a shipped config
+    bd3-train my_run.yaml                                             # a file of yours
+    torchrun --nproc-per-node 2 -m megatron_bd3.cli.train tiny_cpu    # 2 processes
+    launch/torchrun.sh tiny_cpu training.train_iters=200 optimizer.lr=1e-3
+    bd3-train tiny_cpu --resume auto                                  # continue the latest run
 
 Positional `section.key=value` arguments override the YAML (type-checked). `--resume` is a
 shortcut for checkpoint.resume (auto: the run's latest checkpoint if any; none: start fresh; or a
-checkpoint directory). From Python: `tools.train.train(config)` returns a summary dict.
+checkpoint directory). Relative paths, on the command line and in the YAML, are taken from the
+current directory; a config path found nowhere there is looked up among the shipped configs
+(megatron_bd3.paths). From Python: `megatron_bd3.cli.train.train(config)` returns a summary dict.
 See docs/training.md.
 """
 
@@ -31,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Overrides: section.key=value, e.g. training.train_iters=200 optimizer.lr=3e-4. "
         "See docs/training.md.",
     )
-    parser.add_argument("config", help="run config YAML (configs/*.yaml)")
+    parser.add_argument(
+        "config",
+        help="run config YAML: a path, or a shipped config by name (tiny_cpu, owt_bd3_b4.yaml)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     parser.add_argument(
         "--resume",

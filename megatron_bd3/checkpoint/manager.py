@@ -3,10 +3,11 @@
 A checkpoint directory `step_XXXXXXXX/` holds:
 
     complete.json          marker: step, layout, model identity, resolved config, file checksums
-    ds/state/...           DeepSpeed engine checkpoint (module, ZeRO optimizer partitions)
-    optim/                 megatron optimizer (optimizer.backend=megatron; dist_checkpointing)
-    ranks/rank_XXXXX.pt    per rank: EMA shadow (this rank's shards), every RNG, trainer state
-                           (step, consumed samples, clip range, data-loader position)
+    optimizer/...          the stepper's own state (Stepper.save_state): the DeepSpeed engine
+                           checkpoint (module, ZeRO partitions) or megatron's optimizer
+    ranks/rank_XXXXX.pt    per rank: {name: component.state_dict()} of the components the
+                           trainer hands over (trainer state, EMA shards, data-loader position,
+                           clip range, every RNG)
     model/  ema/           layout-independent weights and EMA weights: megatron-core
                            dist_checkpointing (sharded_state_dict with global layer offsets and
                            TP partition dims), so they load into a different TP/PP/VPP layout
@@ -16,16 +17,21 @@ fields, vocabulary, sequence length, block size) and refuses otherwise, saying h
 run from the weights instead (`checkpoint.init_from`, `load_model_weights`). Everything is
 verified (marker, sizes, checksums) before the first tensor is read.
 
+The manager knows no component by name: whatever has `state_dict()`/`load_state_dict()` goes in a
+rank file, and a resume refuses a checkpoint whose component names differ from the run's (e.g.
+EMA on in one and off in the other). The optimizer's state is the stepper's business
+(megatron_bd3.training.parallelize.Stepper): the manager gives it a directory.
+
 Entry points that save need an `if __name__ == "__main__":` guard: dist_checkpointing's default
 save strategy starts worker processes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -43,11 +49,15 @@ from megatron_bd3.parallel import apply_cpu_compat
 
 logger = logging.getLogger(__name__)
 
-DS_TAG = "state"
-# megatron's distributed optimizer: one ShardedTensor per contiguous buffer shard (reshardable
-# over DP only, like the DeepSpeed state); megatron-core 0.16's default "fully_sharded_model_space"
-# builds flattened ShardedTensors its own dist_checkpointing refuses (measured on an H100).
-MEGATRON_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+OPTIMIZER_DIR = "optimizer"
+
+
+class Stateful(Protocol):
+    """A piece of a run's state that goes into every rank's file."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 # Model identity fields whose change makes a resume meaningless. For init_from (weights only)
 # only the ones that change tensor shapes must match.
@@ -74,24 +84,13 @@ def _chunk_key(index: int, count: int) -> str:
     return "model" if count == 1 else f"model{index}"
 
 
-def _sharded_model_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+def sharded_model_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    """The chunks' megatron sharded state dicts, keyed model / model0, model1, ... (VPP)."""
     return {_chunk_key(i, len(chunks)): c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-@contextlib.contextmanager
-def _full_parameters(chunks: list[torch.nn.Module], zero3: bool, modify: bool = False):
-    """Under ZeRO-3 gather the partitioned parameters for the block (no-op otherwise)."""
-    if not zero3:
-        yield
-        return
-    import deepspeed
-
-    params = [p for c in chunks for p in c.parameters()]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
-        yield
-
-
-def _dist_save(sharded: dict[str, Any], directory: Path) -> None:
+def save_sharded(sharded: dict[str, Any], directory: Path) -> None:
+    """dist_checkpointing.save of `sharded` into `directory` (all ranks call it)."""
     from megatron.core import dist_checkpointing
 
     if _rank() == 0:
@@ -104,8 +103,10 @@ def _dist_save(sharded: dict[str, Any], directory: Path) -> None:
     dist_checkpointing.save(sharded, str(directory))
 
 
-def _stepper_kind(stepper) -> str:
-    return "deepspeed" if hasattr(stepper, "engine") else "megatron"
+def save_model_weights(directory: Path, chunks: list[torch.nn.Module]) -> None:
+    """Layout-independent weights of `chunks` into `directory` (loadable by load_model_weights
+    into any TP/PP/VPP layout)."""
+    save_sharded(sharded_model_state(chunks), directory)
 
 
 def save_training_state(
@@ -113,64 +114,51 @@ def save_training_state(
     step: int,
     *,
     stepper,
-    chunks: list[torch.nn.Module],
-    ema,
-    train_state: dict[str, Any],
+    components: Mapping[str, Stateful],
+    ema=None,
     record: dict[str, Any],
     keep_last: int | None = None,
     layout_independent: bool = True,
 ) -> Path:
     """Write a complete checkpoint atomically (all ranks call this); returns its directory.
 
-    `record` goes into complete.json: at least {"layout": {...}, "model": {...}}.
+    `stepper` (a megatron_bd3.training.parallelize.Stepper) saves the optimizer and module state;
+    every component's state_dict() goes into this rank's file; `ema`, when given, also writes the
+    EMA weights as layout-independent weights. `record` goes into complete.json: at least
+    {"layout": {...}, "model": {...}}.
     """
     root = Path(root)
-    # Saving must not change the run: the RNG states are captured first and put back at the end
-    # (the savers may draw random numbers), so a resumed run continues exactly like this one.
-    rng_state = capture_rng_state()
+    # Saving must not change the run: the component states (the RNG ones included) are taken
+    # first, and every RNG is put back at the end (the savers may draw random numbers), so a
+    # resumed run continues exactly like this one.
+    guard = capture_rng_state()
+    states = {name: component.state_dict() for name, component in components.items()}
     tmp = begin_save(root, step)
-    zero3 = getattr(stepper, "zero_stage", None) == 3
 
     # 1) optimizer + module state (layout-dependent, exact resume)
-    if _stepper_kind(stepper) == "deepspeed":
-        stepper.engine.save_checkpoint(
-            str(tmp / "ds"), tag=DS_TAG, client_state={}, save_latest=False
-        )
-    else:
-        model_sharded = _sharded_model_state(chunks)
-        _dist_save(
-            {"optimizer": stepper.optimizer.sharded_state_dict(
-                model_sharded, metadata=MEGATRON_OPTIMIZER_METADATA)},
-            tmp / "optim",
-        )
+    stepper.save_state(tmp / OPTIMIZER_DIR)
 
-    # 2) per-rank state: EMA shards, RNG, trainer state
+    # 2) per-rank state of every component
     rank_dir = tmp / "ranks"
     if _rank() == 0:
         rank_dir.mkdir(exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    torch.save(
-        {
-            "ema": ema.state_dict() if ema is not None else None,
-            "rng": rng_state,
-            "train_state": train_state,
-        },
-        rank_dir / f"rank_{_rank():05d}.pt",
-    )
+    torch.save(states, rank_dir / f"rank_{_rank():05d}.pt")
 
     # 3) layout-independent weights (and EMA weights) for resharding / export
+    chunks = stepper.chunks
     has_sharded = layout_independent and _has_sharded_state(chunks)
     if has_sharded:
-        with _full_parameters(chunks, zero3):
-            _dist_save(_sharded_model_state(chunks), tmp / "model")
+        with stepper.gathered_parameters():
+            save_model_weights(tmp / "model", chunks)
         if ema is not None:
-            with ema.swap_in(), _full_parameters(chunks, zero3):
-                _dist_save(_sharded_model_state(chunks), tmp / "ema")
+            with ema.swap_in(), stepper.gathered_parameters():
+                save_model_weights(tmp / "ema", chunks)
     record = {**record, "layout_independent": has_sharded, "has_ema": ema is not None}
     final = finish_save(root, tmp, step, record)
     prune(root, keep_last, protect=final)
-    restore_rng_state(rng_state)
+    restore_rng_state(guard)
     return final
 
 
@@ -255,53 +243,35 @@ def load_training_state(
     directory: str | Path,
     *,
     stepper,
-    chunks: list[torch.nn.Module],
-    ema,
+    components: Mapping[str, Stateful],
     record: dict[str, Any],
-    restore_rng: bool = True,
     marker: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Restore optimizer, module, EMA (and RNG) states; return the trainer state of this rank.
+) -> None:
+    """Restore the stepper's optimizer and module state and every component's state.
 
-    With `restore_rng=False` the RNG states are returned under the key "rng" instead, for the
-    caller to restore right before its first step (anything in between may draw numbers).
+    The component names must be those the checkpoint was saved with (a missing or extra one is
+    refused by name). Components load in the order given.
     """
     directory = Path(directory)
     if marker is None:  # else: verified and checked by the caller (see check_resumable)
         marker = verify_distributed(directory)
         check_compatible(marker, record, directory)
+    refuse_unresumable(marker, directory)
     rank_file = directory / "ranks" / f"rank_{_rank():05d}.pt"
     if not rank_file.is_file():
         raise CheckpointError(f"{directory}: {rank_file.name} is missing")
     per_rank = torch.load(rank_file, map_location="cpu", weights_only=False)
-    if (per_rank["ema"] is None) != (ema is None):
+    saved, wanted = set(per_rank), set(components)
+    if saved != wanted:
         raise CheckpointError(
-            f"{directory}: EMA {'absent' if per_rank['ema'] is None else 'present'} in the "
-            f"checkpoint but training.ema_decay says {'on' if ema is not None else 'off'}"
+            f"{directory}: the checkpoint holds state for {sorted(saved)}, this run has "
+            f"{sorted(wanted)} (missing in the checkpoint: {sorted(wanted - saved)}; not in this "
+            f"run: {sorted(saved - wanted)}); e.g. training.ema_decay must be on in both or off "
+            "in both"
         )
-
-    if _stepper_kind(stepper) == "deepspeed":
-        path, _ = stepper.engine.load_checkpoint(
-            str(directory / "ds"),
-            tag=DS_TAG,
-            load_module_strict=True,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
-        if path is None:
-            raise CheckpointError(f"{directory}: DeepSpeed found no engine state under ds/{DS_TAG}")
-    else:  # megatron-core's optimizer: see refuse_unresumable
-        refuse_unresumable(marker, directory)
-        raise CheckpointError(f"{directory}: no optimizer-state loader for "
-                              f"{type(stepper).__name__}")
-    if ema is not None:
-        ema.load_state_dict(per_rank["ema"])
-    state = dict(per_rank["train_state"])
-    if restore_rng:
-        restore_rng_state(per_rank["rng"])
-    else:
-        state["rng"] = per_rank["rng"]
-    return state
+    stepper.load_state(directory / OPTIMIZER_DIR)
+    for name, component in components.items():
+        component.load_state_dict(per_rank[name])
 
 
 def load_model_weights(
@@ -336,7 +306,7 @@ def load_model_weights(
         raise CheckpointError("the model has no sharded_state_dict(); cannot reshard into it")
     try:
         state = dist_checkpointing.load(
-            _sharded_model_state(chunks), str(directory / sub), strict=StrictHandling.RAISE_ALL
+            sharded_model_state(chunks), str(directory / sub), strict=StrictHandling.RAISE_ALL
         )
     except Exception as exc:  # dist_checkpointing raises several types; name the checkpoint
         raise CheckpointError(f"{directory}/{sub}: cannot load into this model: {exc}") from exc

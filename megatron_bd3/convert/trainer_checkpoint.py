@@ -50,8 +50,7 @@ from megatron_bd3.convert.weights import (
     megatron_to_standalone,
     standalone_to_megatron,
 )
-from megatron_bd3.standalone.model import NetworkConfig
-from megatron_bd3.standalone.model import BD3Network
+from megatron_bd3.standalone.model import BD3Network, NetworkConfig
 
 logger = logging.getLogger(__name__)
 
@@ -86,18 +85,17 @@ def single_process_runtime() -> Iterator[None]:
 
 
 def model_config_for_conversion(run_config, vocab_size: int, mask_token_id: int):
-    """The BD3Config of `run_config`'s model at TP = PP = 1 in fp32, built by the trainer's own
+    """The BD3Config of `run_config`'s model at TP = PP = 1 in fp32, built by the config layer's
     `build_model_config` (so the network is exactly the one the run trains). The attention
     kernel is SDPA (same math as flex; flex trains only on CUDA) and recompute is off."""
     from megatron_bd3.training.config import ParallelSection
-    from megatron_bd3.training.trainer import build_model_config
+    from megatron_bd3.training.model_config import build_model_config
 
     config = copy.deepcopy(run_config)
-    config.parallel = ParallelSection()
     config.model.attention_kernel = "sdpa"
     config.model.recompute = None
     return build_model_config(config, vocab_size=vocab_size, mask_token_id=mask_token_id,
-                              precision="fp32")
+                              precision="fp32", parallel=ParallelSection())
 
 
 def _build_model(model_config):
@@ -178,9 +176,10 @@ def _learned_clip_range(directory: Path, marker: dict[str, Any], run_config
     rank0 = directory / "ranks" / "rank_00000.pt"
     if rank0.is_file():
         state = torch.load(rank0, map_location="cpu", weights_only=False, mmap=True)
-        clip = (state.get("train_state") or {}).get("clip_range")
+        clip = state.get("clip_range")
         if clip is not None:
-            return float(clip[0]), float(clip[1]), "trainer state (ranks/rank_00000.pt)"
+            return (float(clip["eps_min"]), float(clip["eps_max"]),
+                    "trainer state (ranks/rank_00000.pt)")
     if marker.get("clip_range") is not None:
         low, high = marker["clip_range"]
         return float(low), float(high), f"{MARKER}"
@@ -389,13 +388,11 @@ def _write_weights_checkpoint(root: Path, step: int, model, record: dict[str, An
                               tokenizer) -> Path:
     """A trainer-format checkpoint holding only weights: model/ and ema/ (the same weights,
     so checkpoint.init_from works with init_from_ema either way), tokenizer/ when known."""
-    # checkpoint.manager has no public weights-only save yet; its two private helpers are used
-    # (rather than copied) because they carry the CPU workaround for dist_checkpointing.save.
-    from megatron_bd3.checkpoint.manager import _dist_save, _sharded_model_state
+    from megatron_bd3.checkpoint.manager import save_model_weights
 
     tmp = begin_save(root, step)
-    _dist_save(_sharded_model_state([model]), tmp / "model")
-    _dist_save(_sharded_model_state([model]), tmp / "ema")
+    save_model_weights(tmp / "model", [model])
+    save_model_weights(tmp / "ema", [model])
     if tokenizer is not None:
         tokenizer.save(tmp / TOKENIZER_SUBDIR)
     return finish_save(root, tmp, step, record)
@@ -425,7 +422,7 @@ def standalone_to_checkpoint(
         check: reload the written checkpoint into a fresh TP=1 model and compare its logits with
             the standalone network's.
     """
-    from megatron_bd3.training.trainer import model_identity
+    from megatron_bd3.training.model_config import model_identity
 
     source = Path(standalone_dir)
     network = BD3Network.from_pretrained(source)

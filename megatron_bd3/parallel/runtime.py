@@ -200,6 +200,11 @@ class ParallelInfo:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
 
+    @property
+    def reports_loss(self) -> bool:
+        """This rank's loss reports count once: last pipeline stage, TP rank 0."""
+        return self.is_last_stage and self.tp_rank == 0
+
 
 _INFO: ParallelInfo | None = None
 _OWNS_PROCESS_GROUP = False

@@ -27,6 +27,20 @@ class NoiseSettings:
     antithetic: bool
     fixed_t: float | None
 
+    @classmethod
+    def from_model_config(cls, config) -> NoiseSettings:
+        """The forward-process settings a BD3Config carries (built by
+        megatron_bd3.training.model_config.build_model_config)."""
+        return cls(
+            block_size=config.block_size,
+            mask_token_id=config.mask_token_id,
+            schedule=config.noise_schedule,
+            ignore_bos=config.ignore_bos,
+            resample=config.resample,
+            antithetic=config.antithetic_sampling,
+            fixed_t=config.fixed_t,
+        )
+
 
 def make_batch(
     loader_batch: dict[str, torch.Tensor],

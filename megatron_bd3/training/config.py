@@ -37,8 +37,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Transformer shape and BD3 knobs; vocabulary size and [MASK] id come from the data.
 
-    `extra` passes further BD3Config/TransformerConfig fields through (checked when the model
-    is built), e.g. `model.extra={init_method_std: 0.02}`.
+    The megatron BD3Config of a run is built from this section, `parallel` and the diffusion keys
+    of `training` by one function, megatron_bd3.training.model_config.build_model_config. The
+    fields after `recompute` refine the chosen architecture; null keeps its value.
     """
 
     preset: Literal["bd3", "ar", "mdlm"] = "bd3"
@@ -56,7 +57,13 @@ class ModelConfig:
     dropout: float = 0.1
     attention_kernel: Literal["auto", "sdpa", "flex"] = "auto"
     recompute: Optional[Literal["full", "selective"]] = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    layernorm_epsilon: Optional[float] = None  # reference 1e-5; megatron 1e-5
+    rotary_base: Optional[int] = None  # RoPE base; both architectures 10000
+    output_layer_bias: Optional[bool] = None  # reference true; megatron false
+    tie_embeddings: Optional[bool] = None  # input embedding = output projection; both false
+    init_method_std: Optional[float] = None  # weight init std; megatron's 0.02
+    # B = L: train on x_t alone (L tokens; the same loss as [x_t ; x_0], see BD3Config).
+    single_stream_mdlm: bool = True
 
     @property
     def effective_block_size(self) -> int:
@@ -356,11 +363,7 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         if (
             isinstance(value, dict)
             and isinstance(out.get(key), dict)
-            and key
-            not in (
-                "extra",
-                "overrides",
-            )
+            and key != "overrides"
         ):
             out[key] = _deep_merge(out[key], value)
         elif isinstance(value, dict) and isinstance(out.get(key), dict):

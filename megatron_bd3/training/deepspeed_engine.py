@@ -16,10 +16,10 @@ What this module owns:
   run's hyper-parameters from the YAML, which is the single source for them: optimizer (AdamW,
   `torch_adam` on CPU so nothing is JIT-built), explicit `gradient_clipping` (DeepSpeed's default
   is a silent 1.0), batch sizes, bf16/fp32.
-- `build_deepspeed_engine()` and `DeepSpeedStepper`: the step protocol used with megatron-core's
-  `forward_backward_func`: it gets `engine.module` (the model chunks, not the engine), runs every
-  micro-batch's forward/backward, then `engine.allreduce_gradients(); engine.step()` (cpu-runtime
-  facts; verified per ZeRO stage in tests/training).
+- `initialize_engine()`: `deepspeed.initialize` over the model chunks, and which step protocol
+  the layout needs (`uses_engine_forward`). The stepper that runs it around megatron-core's
+  `forward_backward_func` is `DeepSpeedStepper` in megatron_bd3.training.parallelize, the one
+  place that wires a run's parallelism.
 """
 
 from __future__ import annotations
@@ -292,17 +292,18 @@ def uses_engine_forward(stage: int, pipeline_parallel_size: int) -> bool:
     return stage >= 1 and pipeline_parallel_size == 1
 
 
-def build_deepspeed_engine(
+def initialize_engine(
     model_chunks: list[torch.nn.Module],
     ds_config: dict[str, Any],
     *,
     pipeline_parallel_size: int = 1,
     param_groups: list[dict[str, Any]] | None = None,
 ):
-    """Wrap the model chunks (one per virtual pipeline stage) in one DeepSpeed engine.
+    """One DeepSpeed engine around the model chunks (one per virtual pipeline stage).
 
     The chunks are held in a ModuleList when there are several, so one ZeRO optimizer covers
-    all of them. Returns a `DeepSpeedStepper`.
+    all of them. Returns (engine, engine_forward: whether the engine itself runs the forward,
+    see `uses_engine_forward`).
     """
     skip_shm_comm_build()
     import deepspeed
@@ -327,7 +328,7 @@ def build_deepspeed_engine(
         mpu=MegatronMPU(),
         dist_init_required=False,
     )
-    return DeepSpeedStepper(engine, engine_forward=engine_forward)
+    return engine, engine_forward
 
 
 class EngineForward:
@@ -354,86 +355,3 @@ def engine_chunks(engine) -> list[torch.nn.Module]:
     """The model chunks inside an engine."""
     module = engine.module
     return list(module) if isinstance(module, torch.nn.ModuleList) else [module]
-
-
-def grad_norm_model_parallel(params, mpu: MegatronMPU) -> float:
-    """Global L2 norm of the (already data-parallel-reduced) gradients, TP/PP aware.
-
-    TP-split parameters count on every TP rank, TP-replicated ones on TP rank 0 only, summed over
-    the model-parallel (TP x PP) group -- DeepSpeed's rule, used where it reports no norm (ZeRO-0).
-    One multi-tensor norm (fp32 per tensor, squares summed in fp64) and one host read: no copy of
-    any gradient and no device synchronisation per parameter.
-    """
-    tp_rank = mpu.get_tensor_model_parallel_rank()
-    grads = [
-        p.grad.detach()
-        for p in params
-        if p.grad is not None and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
-    ]
-    if grads:
-        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)  # one per tensor
-        total = torch.stack(norms).to(torch.float64).square().sum()
-    else:
-        total = torch.zeros((), dtype=torch.float64)
-    if dist.is_initialized() and mpu.get_model_parallel_world_size() > 1:
-        device = next(iter(params)).device if params else torch.device("cpu")
-        total = total.to(device)
-        dist.all_reduce(total, group=mpu.get_model_parallel_group())
-    return float(total.sqrt())
-
-
-class DeepSpeedStepper:
-    """The optimizer step around megatron's forward_backward_func, for one DeepSpeed engine.
-
-    `forward_models` are what to hand to forward_backward_func for training; `eval_models` for
-    forward-only passes. `step(lr)` sets the LR of every param group (the schedule is a pure
-    function of the step), reduces over data parallel, clips, updates, and returns the global
-    gradient norm before clipping.
-    """
-
-    def __init__(self, engine, *, engine_forward: bool) -> None:
-        self.engine = engine
-        self.engine_forward = engine_forward
-        self.mpu = engine.mpu
-
-    @property
-    def chunks(self) -> list[torch.nn.Module]:
-        return engine_chunks(self.engine)
-
-    @property
-    def forward_models(self) -> list:
-        return [EngineForward(self.engine)] if self.engine_forward else self.chunks
-
-    @property
-    def eval_models(self) -> list[torch.nn.Module]:
-        return self.chunks
-
-    @property
-    def zero_stage(self) -> int:
-        return int(self.engine.zero_optimization_stage())
-
-    def zero_grad(self) -> None:
-        self.engine.zero_grad()
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
-
-    def step(self, lr: float) -> float | None:
-        self.set_lr(lr)
-        norm = None
-        if not self.engine_forward:
-            # ZeRO-0 on one data-parallel rank: DeepSpeed would still flatten every gradient into
-            # a bucket, "all-reduce" it over one rank and copy it back (a 2x gradient-size copy).
-            if self.zero_stage != 0 or self.engine.seq_dp_world_size > 1:
-                self.engine.allreduce_gradients()
-            if self.zero_stage == 0:
-                norm = grad_norm_model_parallel(
-                    [p for c in self.chunks for p in c.parameters()], self.mpu
-                )
-        self.engine.step()
-        if norm is None:
-            reported = self.engine.get_global_grad_norm()
-            if reported is not None:
-                norm = float(reported.item() if isinstance(reported, torch.Tensor) else reported)
-        return norm

@@ -18,8 +18,8 @@ the 2L x 2L block-diffusion mask has density
 
 (L B entries on the noisy block diagonal, B^2 N(N-1)/2 noisy->earlier clean, B^2 N(N+1)/2
 clean->clean; N = L / B). So the attention term is charged only for the entries the sparse
-(FlexAttention) kernel computes. MDLM (full bidirectional, T = L): rho = 1; AR (causal, T = L):
-rho = (L + 1) / (2L).
+(FlexAttention) kernel computes. The AR preset is B = 1 of the same two-stream model
+(rho = 1/4 + 1/(4L)); the single-stream MDLM (B = L, x_t alone, T = L) has rho = 1.
 """
 
 from __future__ import annotations
@@ -29,48 +29,33 @@ import time
 import torch
 
 
-def attention_density(preset: str, seq_length: int, block_size: int | None) -> float:
-    if preset == "bd3":
-        assert block_size is not None
-        return 0.25 + block_size / (4.0 * seq_length)
-    if preset == "mdlm":
+def attention_density(config) -> float:
+    """Fraction of the T x T score matrix the mask allows: 1 for the single-stream B = L model
+    (one bidirectional block), 1/4 + B / (4L) for the two-stream [x_t ; x_0] input."""
+    if config.single_stream:
         return 1.0
-    if preset == "ar":
-        return (seq_length + 1) / (2.0 * seq_length)
-    raise ValueError(f"unknown preset {preset!r}")
+    return 0.25 + config.block_size / (4.0 * config.seq_length)
 
 
-def stream_length(preset: str, seq_length: int) -> int:
-    return 2 * seq_length if preset == "bd3" else seq_length
-
-
-def forward_flops_per_sequence(
-    *,
-    preset: str,
-    num_layers: int,
-    hidden_size: int,
-    ffn_hidden_size: int,
-    num_attention_heads: int,
-    num_query_groups: int | None,
-    seq_length: int,
-    block_size: int | None,
-    vocab_size: int,
-) -> float:
-    """Forward matmul FLOPs of one sequence (see the module docstring)."""
-    h, f, v = hidden_size, ffn_hidden_size, vocab_size
-    head_dim = h // num_attention_heads
-    d_kv = (num_query_groups or num_attention_heads) * head_dim
-    t = stream_length(preset, seq_length)
-    rho = attention_density(preset, seq_length, block_size)
+def forward_flops_per_sequence(config) -> float:
+    """Forward matmul FLOPs of one sequence for a model config (a BD3Config; see the module
+    docstring). The stream length and the mask follow from the config itself: 2L for every
+    two-stream model (AR is B = 1, MDLM with single_stream_mdlm=False is B = L), L for the
+    single-stream MDLM."""
+    h, f, v = config.hidden_size, config.ffn_hidden_size, config.vocab_size
+    head_dim = h // config.num_attention_heads
+    d_kv = (config.num_query_groups or config.num_attention_heads) * head_dim
+    t = config.stream_length
+    rho = attention_density(config)
     per_layer = (
         2 * t * h * (h + 2 * d_kv) + 2 * 2 * t * t * h * rho + 2 * t * h * h + 2 * 2 * t * h * f
     )
-    logits = 2 * seq_length * h * v
-    return float(num_layers * per_layer + logits)
+    logits = 2 * config.seq_length * h * v
+    return float(config.num_layers * per_layer + logits)
 
 
-def training_flops_per_sequence(**kwargs) -> float:
-    return 3.0 * forward_flops_per_sequence(**kwargs)
+def training_flops_per_sequence(config) -> float:
+    return 3.0 * forward_flops_per_sequence(config)
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common accelerators, by a substring of the name.

@@ -89,6 +89,23 @@ class MetricsLogger:
                 run_dir, run_name, wandb_mode, wandb_project, wandb_entity, config_dict
             )
 
+    @classmethod
+    def from_config(cls, config, *, rank: int, start_step: int) -> MetricsLogger:
+        """The logger a run config describes (`logging` section; outputs in the run directory)."""
+        log = config.logging
+        return cls(
+            rank=rank,
+            run_dir=config.run_dir,
+            run_name=log.run_name,
+            total_steps=config.training.train_iters,
+            start_step=start_step,
+            show_tqdm=log.tqdm,
+            wandb_mode=log.wandb.mode,
+            wandb_project=log.wandb.project,
+            wandb_entity=log.wandb.entity,
+            config_dict=config.to_dict(),
+        )
+
     def _start_wandb(self, run_dir, run_name, mode, project, entity, config_dict):
         os.environ.setdefault("WANDB_MODE", mode)
         if mode == "offline":

@@ -7,18 +7,21 @@ Two backends:
 
 `check_combination` is a pure function of the run config, the DeepSpeed JSON and the machine, so
 every refusal is tested without starting processes. Each message says what would work.
+`resolve_environment` runs it and returns what the rest of the set-up needs (RunEnvironment).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from megatron_bd3.paths import resolve_path
 from megatron_bd3.training.config import ConfigError, RunConfig
 from megatron_bd3.training.deepspeed_engine import (
+    load_deepspeed_json,
     offloads_optimizer,
     offloads_params,
     zero_stage,
@@ -186,45 +189,36 @@ def check_combination(
         )
 
 
-# --------------------------------------------------------------------------- grad finishing
+@dataclass(frozen=True)
+class RunEnvironment:
+    """What a run executes with, resolved and checked once at start-up."""
+
+    machine: Machine
+    device_type: str  # "cpu" | "cuda"
+    precision: str  # "fp32" | "bf16"
+    ds_path: Path | None  # the DeepSpeed JSON (deepspeed backend)
+    ds_json: dict[str, Any] | None
+
+    @property
+    def zero_stage(self) -> int | None:
+        return None if self.ds_json is None else zero_stage(self.ds_json)
 
 
-def finalize_model_parallel_grads(chunks: list[torch.nn.Module], model_config: Any) -> None:
-    """Reductions megatron's DDP would do besides data parallel, on plain `.grad` tensors.
-
-    - sequence parallel: parameters marked `sequence_parallel` (layer norms) see only their
-      sequence shard, so their gradients are summed over the TP group;
-    - pipeline parallel with tied input/output embeddings: the two copies' gradients are summed
-      over the embedding group (first and last stage).
-    Must run before DeepSpeed reduces over data parallel (ZeRO 0/1 paths).
-    """
-    from megatron.core import parallel_state
-
-    if getattr(model_config, "sequence_parallel", False):
-        group = parallel_state.get_tensor_model_parallel_group()
-        grads = [
-            p.grad
-            for chunk in chunks
-            for p in chunk.parameters()
-            if p.grad is not None and getattr(p, "sequence_parallel", False)
-        ]
-        if grads and dist.get_world_size(group) > 1:
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=group)
-            for g, synced in zip(
-                grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True
-            ):
-                g.copy_(synced)
-
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        group = parallel_state.get_embedding_group(check_initialized=False)
-        if group is None or dist.get_world_size(group) <= 1:
-            return
-        if dist.get_rank() not in dist.get_process_group_ranks(group):
-            return
-        module = chunks[0] if parallel_state.is_pipeline_first_stage() else chunks[-1]
-        if not getattr(module, "share_embeddings_and_output_weights", False):
-            return
-        weight = module.shared_embedding_or_output_weight()
-        if weight is not None and weight.grad is not None:
-            dist.all_reduce(weight.grad, group=group)
+def resolve_environment(
+    config: RunConfig, world_size: int, machine: Machine | None = None
+) -> RunEnvironment:
+    """Device, precision and DeepSpeed JSON of a run; refuses impossible combinations before
+    any process group exists."""
+    machine = machine or detect_machine()
+    ds_path = ds_json = None
+    if config.optimizer.backend == "deepspeed" and config.deepspeed.config:
+        ds_path = resolve_path(config.deepspeed.config, "deepspeed.config")
+        ds_json = load_deepspeed_json(ds_path)
+    check_combination(config, machine, ds_json, world_size)
+    return RunEnvironment(
+        machine=machine,
+        device_type=resolve_device(config, machine),
+        precision=resolve_precision(config, machine),
+        ds_path=ds_path,
+        ds_json=ds_json,
+    )

@@ -59,14 +59,12 @@ def train_step(
     lr: float,
     seq_length: int,
     micro_batch_size: int,
-    model_config: Any = None,
 ) -> tuple[list[Any], float | None]:
-    """Zero grads, forward/backward every micro-batch, finish model-parallel grads, step.
+    """Zero grads, forward/backward every micro-batch, then one optimizer step of the stepper
+    (megatron_bd3.training.parallelize.Stepper: it finalises and reduces the gradients).
 
     Returns (per-micro-batch loss reports from the last stage, grad norm before clipping).
     """
-    from megatron_bd3.training.optimizer import finalize_model_parallel_grads
-
     for chunk in stepper.chunks:
         chunk.train()
     stepper.zero_grad()
@@ -77,8 +75,6 @@ def train_step(
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
     )
-    if model_config is not None and getattr(stepper, "zero_stage", None) is not None:
-        finalize_model_parallel_grads(stepper.chunks, model_config)
     grad_norm = stepper.step(lr)
     return reports, grad_norm
 

@@ -14,7 +14,9 @@ pass. The candidate with the least variance becomes the training clip range.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from functools import partial
 from typing import Any
 
@@ -155,3 +157,69 @@ def run_validation(
             (c.eps_min, c.eps_max): v for c, v in zip(candidates, variances, strict=True)
         }
     return out
+
+
+class Validator:
+    """Validation as a trainer component: when it runs, with which weights, what it reports.
+
+    Built from the run config; `run` evaluates the stepper's models (EMA weights swapped in when
+    `validation.use_ema`) and returns run_validation's result plus the wall time. The clip search
+    runs only for a BD3 model whose time range may move (not fixed, no fixed t).
+    """
+
+    def __init__(self, run_config, settings: NoiseSettings, stream_length: int, loader,
+                 *, reports_loss: bool) -> None:
+        self.config = run_config.validation
+        self.settings = settings
+        self.stream_length = stream_length
+        self.loader = loader
+        self.reports_loss = reports_loss
+        self.clip_search = (
+            self.config.clip_search.enabled
+            and not run_config.training.fix_clipping
+            and settings.fixed_t is None
+            and run_config.model.preset == "bd3"
+        )
+
+    def due(self, step: int, done: bool) -> bool:
+        """Periodic validation, or the final one."""
+        v = self.config
+        return (bool(v.interval) and step % v.interval == 0) or (done and v.at_end)
+
+    def run(self, models: list, ema=None) -> dict[str, Any]:
+        v = self.config
+        use_ema = ema is not None and v.use_ema
+        start = time.perf_counter()
+        with ema.swap_in() if use_ema else contextlib.nullcontext():
+            result = run_validation(
+                models=models,
+                loader=self.loader,
+                settings=self.settings,
+                seed=v.seed,
+                num_batches=v.num_batches,
+                stream_length=self.stream_length,
+                clip_search=self.clip_search,
+                clip_widths=v.clip_search.widths,
+                clip_delta=v.clip_search.delta,
+                clip_num_batches=v.clip_search.num_batches,
+                contributes=self.reports_loss,
+            )
+        result["seconds"] = time.perf_counter() - start
+        result["weights"] = "EMA" if use_ema else "raw"
+        return result
+
+    @staticmethod
+    def summary(result: dict[str, Any], step: int) -> str:
+        message = (
+            f"validation at step {step}: nll {result['nll']:.4f} ppl {result['ppl']:.2f} over "
+            f"{result['tokens']} tokens / {result['batches']} batches ({result['seconds']:.1f}s, "
+            f"{result['weights']} weights)"
+        )
+        if "clip_range" in result:
+            chosen = result["clip_range"]
+            variance = result["clip_variances"][(chosen.eps_min, chosen.eps_max)]
+            message += (
+                f"; clip search over {len(result['clip_variances'])} ranges -> "
+                f"U[{chosen.eps_min:g}, {chosen.eps_max:g}] (var {variance:.4g})"
+            )
+        return message

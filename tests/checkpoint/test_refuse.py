@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from megatron_bd3.checkpoint import CheckpointError, load_model_weights, verify_checkpoint
 from megatron_bd3.checkpoint.manager import (
@@ -30,7 +31,7 @@ def test_real_checkpoint_verifies_and_records_layout_and_model(trained_run, tmp_
     assert marker["layout"]["dp"] == 2 and marker["layout"]["zero_stage"] == 2
     assert marker["model"]["block_size"] == 4 and marker["model"]["seq_length"] == 32
     assert marker["layout_independent"] and marker["has_ema"]
-    assert any(name.startswith("ds/") for name in marker["files"])
+    assert any(name.startswith("optimizer/state/") for name in marker["files"])  # DeepSpeed
     assert any(name.startswith("model/") for name in marker["files"])
     assert "ranks/rank_00001.pt" in marker["files"]
 
@@ -67,6 +68,26 @@ def test_mismatched_model_or_layout_is_refused(trained_run, tmp_path):
     with pytest.raises(CheckpointError, match="hidden_size: checkpoint 32 != run 64"):
         load_model_weights(ckpt, [], record=other)
 
+
+
+def test_components_the_run_does_not_have_are_refused_by_name(trained_run, tmp_path):
+    """The saved rank files hold one entry per component; a run with EMA off cannot resume a
+    checkpoint with EMA (and the reverse), and the message names the difference."""
+    from megatron_bd3.checkpoint import load_training_state
+
+    ckpt = copy_checkpoint(trained_run, tmp_path)
+    marker = json.loads((ckpt / "complete.json").read_text())
+    saved = torch.load(ckpt / "ranks" / "rank_00000.pt", weights_only=False)
+    assert sorted(saved) == ["clip_range", "ema", "loader", "rng", "trainer"]
+    assert saved["trainer"]["step"] == TRAIN_ITERS
+    without_ema = {name: object() for name in ("trainer", "clip_range", "loader", "rng")}
+    with pytest.raises(CheckpointError, match=r"missing in the checkpoint: \[\]; not in this "
+                                              r"run: \['ema'\]"):
+        load_training_state(ckpt, stepper=None, components=without_ema, record={},
+                            marker=marker)
+    extra = {**without_ema, "ema": object(), "other": object()}
+    with pytest.raises(CheckpointError, match=r"missing in the checkpoint: \['other'\]"):
+        load_training_state(ckpt, stepper=None, components=extra, record={}, marker=marker)
 
 
 def test_megatron_optimizer_checkpoints_are_not_resumed(tmp_path):

@@ -70,7 +70,7 @@ LAYOUTS = {
     # TP = 2 with grouped-query attention (2 groups: one per TP rank) and tied embeddings
     "tp2": dict(parallel={"tensor_model_parallel_size": 2},
                 model={"num_query_groups": 2,
-                       "extra": {"share_embeddings_and_output_weights": True}}),
+                       "tie_embeddings": True}),
     # PP = 2 (one layer per stage), the exact reference architecture (untied, MHA)
     "pp2": dict(parallel={"pipeline_model_parallel_size": 2}),
 }

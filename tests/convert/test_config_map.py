@@ -93,7 +93,7 @@ def test_network_fields_are_compared_but_context_and_block_size_may_change():
 
 def test_run_config_model_section_describes_the_weights():
     from megatron_bd3.training.config import load_config
-    from megatron_bd3.training.trainer import build_model_config
+    from megatron_bd3.training.model_config import build_model_config
 
     sc = standalone_config_from_megatron(megatron(num_query_groups=2,
                                                   share_embeddings_and_output_weights=True))

@@ -1,8 +1,17 @@
-"""MFU accounting: mask density counted from the §1.1 rules, FLOPs from explicit matmul shapes."""
+"""MFU accounting: mask density counted from the §1.1 rules, FLOPs from explicit matmul shapes,
+both derived from the model config alone."""
 
 import pytest
 
+from megatron_bd3.model import BD3Config
 from megatron_bd3.training.flops import attention_density, forward_flops_per_sequence
+
+
+def model_config(L, B, **overrides):
+    settings = dict(seq_length=L, block_size=B, vocab_size=100, mask_token_id=99, num_layers=3,
+                    hidden_size=32, num_attention_heads=4, ffn_hidden_size=128)
+    settings.update(overrides)
+    return BD3Config(**settings)
 
 
 def bd3_allowed(q, k, L, B):
@@ -17,20 +26,24 @@ def bd3_allowed(q, k, L, B):
 @pytest.mark.parametrize("L, B", [(8, 1), (8, 2), (12, 4), (16, 16), (32, 8)])
 def test_bd3_density_formula_matches_counting_the_mask(L, B):
     allowed = sum(bd3_allowed(q, k, L, B) for q in range(2 * L) for k in range(2 * L))
-    assert attention_density("bd3", L, B) == pytest.approx(allowed / (2 * L) ** 2)
+    config = model_config(L, B, single_stream_mdlm=False)
+    assert config.stream_length == 2 * L
+    assert attention_density(config) == pytest.approx(allowed / (2 * L) ** 2)
 
 
-def test_ar_and_mdlm_density():
+def test_single_stream_mdlm_density_and_stream():
     L = 10
-    causal = sum(1 for q in range(L) for k in range(L) if k <= q)
-    assert attention_density("ar", L, None) == pytest.approx(causal / L**2)
-    assert attention_density("mdlm", L, L) == 1.0
+    config = model_config(L, L)  # B = L trains on x_t alone: one bidirectional block
+    assert config.stream_length == L
+    assert attention_density(config) == 1.0
+    full = sum(1 for q in range(L) for k in range(L))
+    assert attention_density(config) == pytest.approx(full / L**2)
 
 
 def test_forward_flops_from_matmul_shapes():
     L, B, h, f, heads, V, layers = 16, 4, 32, 128, 4, 100, 3
     T = 2 * L
-    rho = attention_density("bd3", L, B)
+    rho = attention_density(model_config(L, B))
     matmuls = [  # (m, k, n) of each forward matmul of one layer, batch 1
         (T, h, 3 * h),  # qkv
         (T, h, h),  # out proj
@@ -41,14 +54,7 @@ def test_forward_flops_from_matmul_shapes():
     attn = 2 * (2 * T * T * h) * rho  # QK^T and AV over all heads, scaled by density
     expected = layers * (dense + attn) + 2 * L * h * V  # logits for x_t only
     got = forward_flops_per_sequence(
-        preset="bd3",
-        num_layers=layers,
-        hidden_size=h,
-        ffn_hidden_size=f,
-        num_attention_heads=heads,
-        num_query_groups=None,
-        seq_length=L,
-        block_size=B,
-        vocab_size=V,
+        model_config(L, B, num_layers=layers, hidden_size=h, ffn_hidden_size=f,
+                     num_attention_heads=heads, vocab_size=V, mask_token_id=V - 1)
     )
     assert got == pytest.approx(expected)

@@ -19,7 +19,7 @@ from megatron_bd3.parallel import ParallelConfig, destroy_parallel, initialize_p
 from megatron_bd3.training.batches import NoiseSettings, make_batch
 from megatron_bd3.training.config import load_config
 from megatron_bd3.training.step import eval_step
-from megatron_bd3.training.trainer import build_model_config
+from megatron_bd3.training.model_config import build_model_config
 
 
 def token_loss_func(output):

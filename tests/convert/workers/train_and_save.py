@@ -34,12 +34,12 @@ def logits_in_layout(trainer: Trainer, x_t: torch.Tensor, x_0: torch.Tensor):
     """[b, L, vocab] on every rank that has them (all TP ranks; the last PP stage)."""
     (model,) = trainer.stepper.chunks
     model.eval()
-    if trainer.layout.pp == 1:
+    if trainer.info.pp_size == 1:
         return model.forward_logits(x_t, x_0)
     from megatron.core import parallel_state
 
     mc = trainer.model_config
-    if trainer.layout.pp_rank == 0:
+    if trainer.info.pp_rank == 0:
         hidden = model(x_t, x_0)  # [2L, b, h]
         dist.send(hidden.contiguous(), parallel_state.get_pipeline_model_parallel_next_rank())
         return None
@@ -63,7 +63,7 @@ def main() -> None:
             raw = logits_in_layout(trainer, x_t, x_0)
             with trainer.ema.swap_in():
                 ema = logits_in_layout(trainer, x_t, x_0)
-            layout = trainer.layout
+            info = trainer.info
             record = {"raw": raw, "ema": ema}
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, record if raw is not None else None)
@@ -71,9 +71,9 @@ def main() -> None:
                 found = next(r for r in gathered if r is not None)
                 torch.save({
                     "x_t": x_t, "x_0": x_0, "raw": found["raw"], "ema": found["ema"],
-                    "clip_range": [trainer.clip_range.eps_min, trainer.clip_range.eps_max],
+                    "clip_range": [trainer.clip.value.eps_min, trainer.clip.value.eps_max],
                     "checkpoint": summary["checkpoint"],
-                    "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+                    "layout": {"tp": info.tp_size, "pp": info.pp_size, "dp": info.dp_size},
                 }, out / f"{name}.pt")
                 print(f"SAVED {name} {summary['checkpoint']}", flush=True)
         finally:

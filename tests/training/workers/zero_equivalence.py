@@ -14,11 +14,8 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer import TransformerConfig
 
 from megatron_bd3.parallel import ParallelConfig, destroy_parallel, initialize_parallel
-from megatron_bd3.training.deepspeed_engine import (
-    build_deepspeed_engine,
-    load_deepspeed_json,
-    resolve_deepspeed_config,
-)
+from megatron_bd3.training.deepspeed_engine import load_deepspeed_json, resolve_deepspeed_config
+from megatron_bd3.training.parallelize import build_deepspeed_stepper
 from megatron_bd3.training.step import train_step
 
 GLOBAL_BATCH, MICRO, STEPS, LR, WD, CLIP = 8, 2, 3, 1e-2, 0.1, 0.05
@@ -102,7 +99,7 @@ def main():
             overrides=overrides,
             source=path,
         )
-        stepper = build_deepspeed_engine([TinyMLP()], cfg)
+        stepper = build_deepspeed_stepper([TinyMLP()], cfg)
         norms = []
         for s in range(STEPS):
             lo = info.dp_rank * per_rank

@@ -42,8 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_bd3.standalone.model import NetworkConfig
-from megatron_bd3.standalone.model import tensor_set_problems
+from megatron_bd3.standalone.model import NetworkConfig, tensor_set_problems
 
 __all__ = [
     "MappingError",

@@ -86,7 +86,7 @@ class ParallelSection:
 
 @dataclass
 class DataConfig:
-    """Where the tokenised shards are (the manifest written by tools/prepare_data.py)."""
+    """Where the tokenised shards are (the manifest written by bd3-prepare-data)."""
 
     manifest: str = "runs/data/manifest.json"
     tokenizer: Optional[str] = None  # None -> the tokenizer named in the manifest
@@ -588,7 +588,7 @@ def validate(config: RunConfig) -> None:
         _require(
             not o.cpu_offload,
             "optimizer.cpu_offload needs optimizer.backend=deepspeed "
-            "(e.g. deepspeed.config=configs/deepspeed/zero2_offload.json)",
+            "(e.g. deepspeed.config=deepspeed/zero2_offload.json)",
         )
 
 

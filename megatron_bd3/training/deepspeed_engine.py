@@ -153,7 +153,7 @@ def load_deepspeed_json(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"DeepSpeed config {path} does not exist (deepspeed.config); the shipped ones are "
-            f"configs/deepspeed/zero{{0,1,2,3}}.json and zero{{2,3}}_offload.json"
+            f"deepspeed/zero{{0,1,2,3}}.json and zero{{2,3}}_offload.json"
         )
     try:
         data = json.loads(path.read_text())

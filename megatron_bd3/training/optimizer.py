@@ -2,7 +2,7 @@
 
 Two backends:
 - `deepspeed` (CPU and GPU): ZeRO stage 0/1/2/3 and CPU optimizer offload from a DeepSpeed JSON
-  (configs/deepspeed/*.json), AdamW with the YAML's hyper-parameters, explicit clipping.
+  (deepspeed/*.json), AdamW with the YAML's hyper-parameters, explicit clipping.
 - `megatron` (GPU only): megatron-core's DistributedOptimizer over megatron DDP chunks.
 
 `check_combination` is a pure function of the run config, the DeepSpeed JSON and the machine, so
@@ -27,7 +27,7 @@ from megatron_bd3.training.deepspeed_engine import (
     zero_stage,
 )
 
-SHIPPED_JSON = "configs/deepspeed/zero{0,1,2,3}.json, zero2_offload.json, zero3_offload.json"
+SHIPPED_JSON = "deepspeed/zero{0,1,2,3}.json, zero2_offload.json, zero3_offload.json"
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def check_combination(
         if o.cpu_offload:
             raise ConfigError(
                 "optimizer.cpu_offload needs optimizer.backend=deepspeed "
-                "(deepspeed.config=configs/deepspeed/zero2_offload.json)"
+                "(deepspeed.config=deepspeed/zero2_offload.json)"
             )
         if ds_json is not None:
             raise ConfigError(
@@ -150,37 +150,37 @@ def check_combination(
             f"{ds_name}: ZeRO stage {stage} with parallel.pipeline_model_parallel_size {pp} "
             f"cannot work (megatron's pipeline schedule runs the backward passes itself: "
             f"ZeRO-2's gradient hooks reduce twice and ZeRO-3 deadlocks); use "
-            f"configs/deepspeed/zero1.json (or zero0.json) with PP > 1, or PP = 1 with ZeRO-2/3"
+            f"deepspeed/zero1.json (or zero0.json) with PP > 1, or PP = 1 with ZeRO-2/3"
         )
     if offload and stage == 0:
         raise ConfigError(
             f"{ds_name}: offload_optimizer needs ZeRO stage 1, 2 or 3; use "
-            f"configs/deepspeed/zero2_offload.json"
+            f"deepspeed/zero2_offload.json"
         )
     if offload and pp > 1:
         raise ConfigError(
             f"{ds_name}: CPU optimizer offload is supported with PP = 1 only (got "
-            f"parallel.pipeline_model_parallel_size {pp}); use configs/deepspeed/zero1.json"
+            f"parallel.pipeline_model_parallel_size {pp}); use deepspeed/zero1.json"
         )
     if offloads_params(ds_json) and stage != 3:
         raise ConfigError(
-            f"{ds_name}: offload_param needs ZeRO stage 3; use configs/deepspeed/zero3_offload.json"
+            f"{ds_name}: offload_param needs ZeRO stage 3; use deepspeed/zero3_offload.json"
         )
     if o.cpu_offload is True and not offload:
         raise ConfigError(
             f"optimizer.cpu_offload=true but {ds_name} has no zero_optimization.offload_optimizer; "
-            f"use deepspeed.config=configs/deepspeed/zero2_offload.json (or zero3_offload.json)"
+            f"use deepspeed.config=deepspeed/zero2_offload.json (or zero3_offload.json)"
         )
     if o.cpu_offload is False and offload:
         raise ConfigError(
             f"optimizer.cpu_offload=false but {ds_name} offloads the optimizer; pick "
-            f"configs/deepspeed/zero2.json or drop optimizer.cpu_offload"
+            f"deepspeed/zero2.json or drop optimizer.cpu_offload"
         )
     if p.sequence_parallel and stage >= 2:
         raise ConfigError(
             f"parallel.sequence_parallel with ZeRO stage {stage} cannot work: layer-norm "
             f"gradients must be summed over tensor parallel before DeepSpeed partitions them; "
-            f"use configs/deepspeed/zero1.json with sequence parallel"
+            f"use deepspeed/zero1.json with sequence parallel"
         )
     if offload and not resolve_torch_adam(config, machine) and device == "cpu":
         raise ConfigError(

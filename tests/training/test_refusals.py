@@ -49,7 +49,7 @@ def cfg(*overrides):
             CPU,
             "zero3.json",
             2,
-            "use configs/deepspeed/zero1.json (or zero0.json) with PP > 1",
+            "use deepspeed/zero1.json (or zero0.json) with PP > 1",
         ),
         (
             ["parallel.pipeline_model_parallel_size=2"],
@@ -63,7 +63,7 @@ def cfg(*overrides):
             CPU,
             "zero2.json",
             2,
-            "use deepspeed.config=configs/deepspeed/zero2_offload.json",
+            "use deepspeed.config=deepspeed/zero2_offload.json",
         ),
         (
             ["optimizer.cpu_offload=false"],

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_bd3.standalone import NetworkConfig, BD3Network, SamplerConfig, generate
+from megatron_bd3.standalone import BD3Network, NetworkConfig, SamplerConfig, generate
 from tools.bench import common
 from tools.bench.kernel_floor import kernel_floor
 

@@ -5,7 +5,7 @@ Nothing here imports megatron or deepspeed: a trained model exported to a standa
 (``config.json`` + ``model.safetensors``) samples with torch alone.
 """
 
-from megatron_bd3.standalone.model import NetworkConfig, BD3Network, KVCache
+from megatron_bd3.standalone.model import BD3Network, KVCache, NetworkConfig
 from megatron_bd3.standalone.sampler import Sample, SamplerConfig, generate, nucleus_filter
 
 __all__ = [

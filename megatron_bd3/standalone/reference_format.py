@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_bd3.standalone.model import NetworkConfig, BD3Network, tensor_set_problems
+from megatron_bd3.standalone.model import BD3Network, NetworkConfig, tensor_set_problems
 
 __all__ = [
     "FREQUENCY_EMBEDDING_SIZE",

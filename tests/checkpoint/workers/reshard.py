@@ -18,8 +18,8 @@ from megatron_bd3.model import BD3LossInputs, build_bd3_model
 from megatron_bd3.parallel import ParallelConfig, destroy_parallel, initialize_parallel
 from megatron_bd3.training.batches import NoiseSettings, make_batch
 from megatron_bd3.training.config import load_config
-from megatron_bd3.training.step import eval_step
 from megatron_bd3.training.model_config import build_model_config
+from megatron_bd3.training.step import eval_step
 
 
 def token_loss_func(output):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_bd3.standalone import NetworkConfig, BD3Network
+from megatron_bd3.standalone import BD3Network, NetworkConfig
 
 
 def tiny_config(**overrides) -> NetworkConfig:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from megatron_bd3.standalone import NetworkConfig, BD3Network, KVCache
+from megatron_bd3.standalone import BD3Network, KVCache, NetworkConfig
 from tests.standalone.helpers import block_causal_mask, tiny_config, tiny_network
 
 TOLERANCE = 1e-5  # fp32; the compared computations differ only in summation order

@@ -58,6 +58,8 @@ __all__ = [
     "ConversionResult",
     "TOKENIZER_SUBDIR",
     "checkpoint_to_standalone",
+    "checkpoint_tokenizer",
+    "open_checkpoint",
     "resolve_checkpoint_dir",
     "standalone_to_checkpoint",
 ]
@@ -169,7 +171,7 @@ def _load_weights(step_dir: Path, model, use_ema: bool, record: dict | None = No
                               f"model its run config describes: {causes}") from None
 
 
-def _learned_clip_range(directory: Path, marker: dict[str, Any], run_config
+def learned_clip_range(directory: Path, marker: dict[str, Any], run_config
                         ) -> tuple[float, float, str]:
     """(eps_min, eps_max, where from): the trainer state of rank 0 (the clip search result),
     else the marker of a weights-only checkpoint, else the run config's initial range."""
@@ -260,6 +262,27 @@ def _check_parity_megatron(model, network: BD3Network, what: str, tolerance: flo
 # ------------------------------------------------------------------------------------ checkpoint
 
 
+def open_checkpoint(checkpoint_dir: str | Path) -> tuple[Path, dict[str, Any], Any]:
+    """(step directory, its marker, the run config it recorded) of a step directory, checkpoint
+    root or run directory. A torn checkpoint (no marker) or one not written by the trainer is
+    refused with a CheckpointError naming it."""
+    step_dir = resolve_checkpoint_dir(checkpoint_dir)
+    marker = read_marker(step_dir)  # a torn checkpoint has none: refused here
+    return step_dir, marker, _run_config_from_marker(marker, step_dir)
+
+
+def checkpoint_tokenizer(step_dir: Path, marker: dict[str, Any], run_config,
+                         explicit: str | Path | None = None):
+    """(tokenizer or None, note) of a checkpoint: `explicit`, else the checkpoint's own
+    tokenizer/, the run config's data.tokenizer, the data manifest's tokenizer. One whose
+    fingerprint differs from the one the model was trained with is refused (ValueError)."""
+    return _find_tokenizer(explicit, [
+        ("checkpoint tokenizer/", step_dir / TOKENIZER_SUBDIR),
+        ("data.tokenizer", _locate(run_config.data.tokenizer)),
+        ("data manifest", _locate((_manifest_tokenizer(run_config) or {}).get("source"))),
+    ], marker["model"].get("tokenizer_fingerprint"))
+
+
 def load_checkpoint_network(
     checkpoint_dir: str | Path,
     use_ema: bool | None = None,
@@ -269,9 +292,7 @@ def load_checkpoint_network(
 
     Must be called inside `single_process_runtime()`; info holds the megatron model under
     "model" (for a parity check), the step directory, the marker and notes."""
-    step_dir = resolve_checkpoint_dir(checkpoint_dir)
-    marker = read_marker(step_dir)  # a torn checkpoint has none: refused here
-    run_config = _run_config_from_marker(marker, step_dir)
+    step_dir, marker, run_config = open_checkpoint(checkpoint_dir)
     identity = marker["model"]
     if use_ema is None:
         use_ema = bool(marker.get("has_ema"))
@@ -285,14 +306,9 @@ def load_checkpoint_network(
     # before reading a tensor
     _load_weights(step_dir, model, use_ema)
 
-    eps_min, eps_max, clip_source = _learned_clip_range(step_dir, marker, run_config)
+    eps_min, eps_max, clip_source = learned_clip_range(step_dir, marker, run_config)
     notes.append(f"clip range [{eps_min:g}, {eps_max:g}] from the {clip_source}")
-    fingerprint = identity.get("tokenizer_fingerprint")
-    tok, note = _find_tokenizer(tokenizer, [
-        ("checkpoint tokenizer/", step_dir / TOKENIZER_SUBDIR),
-        ("data.tokenizer", _locate(run_config.data.tokenizer)),
-        ("data manifest", _locate((_manifest_tokenizer(run_config) or {}).get("source"))),
-    ], fingerprint)
+    tok, note = checkpoint_tokenizer(step_dir, marker, run_config, tokenizer)
     notes.append(note)
     if tok is not None and (tok.vocab_size, tok.mask_id) != (model_config.vocab_size,
                                                               model_config.mask_token_id):

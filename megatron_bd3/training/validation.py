@@ -32,21 +32,35 @@ from megatron_bd3.training.step import eval_step
 ELBO = ClipRange(1e-3, 1.0)
 
 
-def _eval_loss(count_mask: torch.Tensor, block_size: int, output_tensor: torch.Tensor):
-    """loss_func for validation: [sum, count] and the [b, N_b] block means of the token losses."""
+def eval_loss(count_mask: torch.Tensor, block_size: int, output_tensor: torch.Tensor):
+    """loss_func for forward-only passes: the sum and count of the counted token losses, the
+    [b, N_b] block means of the token losses (the clip search's values) and the per-sequence sums
+    and counts (the evaluation's values)."""
     token_loss = output_tensor.float()  # [b, L], 0 at unmasked positions
-    total = (token_loss * count_mask).sum()
+    counted = token_loss * count_mask  # [b, L]
+    total = counted.sum()
     count = count_mask.sum()
     b, seq_len = token_loss.shape
     block_loss = token_loss.reshape(b, seq_len // block_size, block_size).mean(dim=-1)
     report = {
         "sum_count": torch.stack([total.detach(), count.detach()]),
         "block_loss": block_loss.detach(),
+        "sequence_loss": counted.sum(dim=-1).detach(),  # [b]
+        "sequence_tokens": count_mask.sum(dim=-1).detach(),  # [b]
     }
     return total, count.to(torch.int), report
 
 
-def _eval_forward_step(ignore_bos: bool, block_size: int, data_iterator, model):
+def count_mask_for(x_0: torch.Tensor, ignore_bos: bool) -> torch.Tensor:
+    """The tokens an evaluation counts [b, L]: all, but position 0 with ignore_bos (§6.1)."""
+    count_mask = torch.ones_like(x_0, dtype=torch.float32)
+    if ignore_bos:
+        count_mask[:, 0] = 0.0
+    return count_mask
+
+
+def eval_forward_step(ignore_bos: bool, block_size: int, data_iterator, model):
+    """forward_step of forward-only passes; a batch may carry its own "count_mask" [b, L]."""
     from megatron_bd3.model import BD3LossInputs
 
     batch = next(data_iterator)
@@ -54,16 +68,16 @@ def _eval_forward_step(ignore_bos: bool, block_size: int, data_iterator, model):
     batch = {k: v.to(device) for k, v in batch.items()}
     loss_inputs = BD3LossInputs(masked=batch["masked"], loss_weight=batch["loss_weight"])
     output = model(batch["x_t"], batch["x_0"], loss_inputs)
-    count_mask = torch.ones_like(batch["x_0"], dtype=torch.float32)
-    if ignore_bos:
-        count_mask[:, 0] = 0.0  # §6.1: position 0 dropped from the token count
-    return output, partial(_eval_loss, count_mask, block_size)
+    count_mask = batch.get("count_mask")
+    if count_mask is None:
+        count_mask = count_mask_for(batch["x_0"], ignore_bos)
+    return output, partial(eval_loss, count_mask, block_size)
 
 
 def _reports(models, microbatches, *, ignore_bos, block_size, stream_length, micro_batch_size):
     return eval_step(
         models,
-        partial(_eval_forward_step, ignore_bos, block_size),
+        partial(eval_forward_step, ignore_bos, block_size),
         microbatches,
         seq_length=stream_length,
         micro_batch_size=micro_batch_size,

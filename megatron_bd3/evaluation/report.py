@@ -1,0 +1,127 @@
+"""What `bd3-eval` hands back: a table on stdout, one JSON file, PNG plots, optionally wandb.
+
+The JSON (`<output>/eval.json`) holds everything measured: the model, the evaluation layout,
+per dataset the bound with its interval and data counts, the generation report, the variance
+table. Plots sit next to it: `likelihood.png` (perplexity bound per dataset with its 95%
+interval), `generation.png` (generative perplexity against unigram entropy, one point per
+sample), `variance.png` (NELBO variance and gradient variance per clip range).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def likelihood_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'dataset':<20} {'NLL':>9} {'+-SE':>9} {'PPL':>10} {'PPL 95% interval':>23} "
+             f"{'tokens':>10} {'seqs':>7} {'K':>3}"]
+    for r in rows:
+        interval = ("n/a" if r["ppl_ci95"] is None
+                    else f"[{r['ppl_ci95'][0]:.3f}, {r['ppl_ci95'][1]:.3f}]")
+        lines.append(f"{r['name']:<20} {r['nll']:>9.4f} {_fmt(r['se'], '.4f'):>9} "
+                     f"{r['ppl']:>10.3f} {interval:>23} {r['tokens']:>10} {r['sequences']:>7} "
+                     f"{r['nelbo_samples']:>3}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, results: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_likelihood(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Perplexity bound per dataset with its 95% interval (when K >= 2)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 3.5))
+    names = [r["name"] for r in rows]
+    ppl = [r["ppl"] for r in rows]
+    lower = [r["ppl"] - r["ppl_ci95"][0] if r["ppl_ci95"] else 0.0 for r in rows]
+    upper = [r["ppl_ci95"][1] - r["ppl"] if r["ppl_ci95"] else 0.0 for r in rows]
+    ax.errorbar(range(len(rows)), ppl, yerr=[lower, upper], fmt="o", capsize=4)
+    ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
+    ax.set_ylabel("perplexity bound (NELBO)")
+    ax.set_title("NELBO perplexity, 95% interval over Monte-Carlo repeats")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_generation(samples: list[dict[str, Any]], path: Path) -> Path:
+    """Per-sample generative perplexity against unigram entropy."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    points = [(s["entropy"], s["gen_ppl"]) for s in samples if s.get("gen_ppl") is not None]
+    if points:
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=12)
+    ax.set_xlabel("unigram entropy (nats)")
+    ax.set_ylabel("generative perplexity")
+    ax.set_yscale("log")
+    ax.set_title(f"{len(points)} samples")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_variance(rows: list[dict[str, Any]], path: Path) -> Path:
+    """NELBO-estimate variance and gradient variance per clip range (log scale)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(rows) + 2), 3.5))
+    labels = [f"U[{r['clip_range'][0]:g}, {r['clip_range'][1]:g}]" for r in rows]
+    x = range(len(rows))
+    ax.plot(x, [r["grad_variance"] for r in rows], "o-", label="gradient variance (eq. 10)")
+    ax.plot(x, [r["loss_variance"] for r in rows], "s--", label="NELBO variance")
+    ax.set_xticks(list(x), labels, rotation=20, ha="right")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def log_wandb(results: dict[str, Any], *, mode: str, project: str, directory: Path) -> str:
+    """Scalars of `results` to wandb (offline unless mode is online); returns what happened."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        import wandb
+
+        run = wandb.init(project=project, mode=mode, dir=str(directory), job_type="eval",
+                         config={"model": results.get("model"), "layout": results.get("layout")})
+        scalars = {}
+        for row in results.get("likelihood", []):
+            for key in ("nll", "ppl", "se", "bpd"):
+                if row.get(key) is not None:
+                    scalars[f"eval/{row['name']}/{key}"] = row[key]
+        generation = results.get("generation") or {}
+        for key, value in generation.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                scalars[f"gen/{key}"] = value
+        run.log(scalars)
+        run.finish()
+        return f"wandb ({mode}) run {run.id} in {directory}"
+    except Exception as error:  # never fail an evaluation on logging
+        return f"wandb disabled ({type(error).__name__}: {error})"

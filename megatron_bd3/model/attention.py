@@ -9,22 +9,25 @@ Same constructor and call contract as megatron-core 0.16.1's DotProductAttention
             packed_seq_params=None)
     q: [sq, b, np, hn], k/v: [sk, b, ng, hn] (per-partition heads / query groups)  ->  [sq, b, np*hn]
 
-The kernel is chosen by the mask that arrives (see masks.py for the convention, True = may attend):
-    BlockMask          -> FlexAttention (the sparse BD3 mask; torch.compile'd on GPU)
-    the cached dense training mask (masks.training_attention_mask)
-                       -> on CPU without attention dropout: block_attention, the same attention
-                          computed block by block (no dense 2L × 2L work); otherwise SDPA with the
-                          mask in two calls (x_t queries × 2L keys, x_0 queries × x_0 keys).
-                          With only the L x_t queries given (the last layer of a training
-                          forward, see self_attention.py) only the x_t rows are computed.
-    cached full / causal masks (masks.full_attention_mask / causal_attention_mask)
-                       -> SDPA without a mask / with is_causal
-    any other bool tensor -> scaled_dot_product_attention with that dense mask
-    None               -> the BD3 training mask of this config over 2L tokens, in the
-                          representation of config.attention_kernel. BD3Model passes None only
-                          when activation recompute is on with flex, because megatron's
-                          checkpoint function saves its arguments with save_for_backward, which
-                          accepts tensors only.
+The attention contract (masks are True = may attend, see masks.py):
+    attention_mask=None    the model's own attention, as the config describes it (AttentionPlan,
+                           fixed at construction): the BD3 training mask over [x_t ; x_0] (2L
+                           tokens), or full attention over x_t alone for the single-stream B = L
+                           model. BD3Model always passes None. Kernel, from the config and the
+                           device:
+                             flex                    FlexAttention with the cached BlockMask
+                             sdpa, CPU, no dropout   block_attention (the same attention block by
+                                                     block, no dense 2L × 2L work), when
+                                                     config.cpu_block_attention
+                             sdpa otherwise          SDPA with the dense mask in two calls (x_t
+                                                     queries × 2L keys, x_0 queries × x_0 keys)
+                             single stream           SDPA without a mask
+                           With only the L x_t queries given (the last layer of a training
+                           forward, see self_attention.py) only the x_t rows are computed.
+    a bool tensor          a caller's own mask: scaled_dot_product_attention with it, as given
+    a BlockMask            a caller's own mask: FlexAttention with it
+    AttentionPattern.CAUSAL  query i attends to keys <= i: SDPA with is_causal
+Nothing is recognised by identity: the same values passed as a tensor run as a caller's mask.
 FlexAttention on CPU has no backward, so a CPU flex call that would need gradients raises here,
 before autograd fails deep inside the backward pass.
 """
@@ -33,7 +36,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +52,10 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from megatron_bd3.model import block_attention
 from megatron_bd3.model.masks import (
-    plain_mask_kind,
+    AttentionMask,
+    AttentionPattern,
     split_training_mask,
     training_attention_mask,
-    training_mask_kind,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,33 +63,42 @@ logger = logging.getLogger(__name__)
 _compiled_flex_attention = None
 
 
-@dataclass
-class KVCache:
-    """Keys/values of tokens already run through the model, per layer, for cached inference.
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How BD3CoreAttention computes the model's own attention (attention_mask=None).
 
-    Stored after RoPE (with the absolute positions the tokens had), in megatron's layout with
-    this rank's key/value heads: layer_number -> [s_cached, b, ng, hn]. A call with
-    `store=True` appends its keys/values (the pass over a finished clean block); with
-    `store=False` they are used for that call only (denoising steps of the current block).
+    Fixed by the config when the module is built; only the CPU block-structured path also
+    depends on the call (the device of the queries, and whether dropout is active).
+
+    pattern: 'block_diffusion' (the training mask over [x_t ; x_0], 2L tokens) or
+             'bidirectional' (every query attends to every key: x_t alone, B = L).
+    kernel:  'flex' or 'sdpa' (config.resolved_attention_kernel).
+    cpu_block_attention: run the sdpa block-diffusion pattern block by block on CPU
+             (config.cpu_block_attention).
     """
 
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)
-    values: dict[int, torch.Tensor] = field(default_factory=dict)
-    store: bool = False
+    pattern: Literal["block_diffusion", "bidirectional"]
+    kernel: Literal["flex", "sdpa"]
+    cpu_block_attention: bool
+    seq_length: int
+    block_size: int
+
+    @classmethod
+    def from_config(cls, config: TransformerConfig) -> AttentionPlan:
+        """The plan of a BD3Config (a plain TransformerConfig gets sdpa, no own pattern)."""
+        single_stream = getattr(config, "single_stream", False)
+        return cls(
+            pattern="bidirectional" if single_stream else "block_diffusion",
+            kernel=getattr(config, "resolved_attention_kernel", "sdpa"),
+            cpu_block_attention=getattr(config, "cpu_block_attention", True),
+            seq_length=getattr(config, "seq_length", 0),
+            block_size=getattr(config, "block_size", 0),
+        )
 
     @property
-    def length(self) -> int:
-        """Number of cached tokens (0 when empty)."""
-        return next(iter(self.keys.values())).size(0) if self.keys else 0
-
-    def extend(self, layer: int, key: torch.Tensor, value: torch.Tensor):
-        """[cache ; new] keys and values for `layer`, stored when `store` is set."""
-        if layer in self.keys:
-            key = torch.cat([self.keys[layer], key], dim=0)
-            value = torch.cat([self.values[layer], value], dim=0)
-        if self.store:
-            self.keys[layer], self.values[layer] = key.detach(), value.detach()
-        return key, value
+    def stream_length(self) -> int:
+        """Tokens of the model's own input: 2L (two streams), or L (single stream)."""
+        return self.seq_length if self.pattern == "bidirectional" else 2 * self.seq_length
 
 
 def _flex_attention_fn(compile_flex: bool):
@@ -148,18 +161,17 @@ class BD3CoreAttention(MegatronModule):
             config.attention_dropout if attention_dropout is None else attention_dropout
         )
 
-        self.kernel = getattr(config, "resolved_attention_kernel", "sdpa")
+        self.plan = AttentionPlan.from_config(config)
         if getattr(config, "attention_kernel", None) == "auto" and layer_number <= 1:
             logger.info(
                 "attention_kernel 'auto' resolved to %r (CUDA available: %s, attention_dropout %s)",
-                self.kernel,
+                self.plan.kernel,
                 torch.cuda.is_available(),
                 self.dropout_p,
             )
         compile_flex = getattr(config, "compile_flex", None)
         self.compile_flex = torch.cuda.is_available() if compile_flex is None else compile_flex
         self._validated_masks: set[tuple[int, tuple[int, ...]]] = set()
-        self.kv_cache: KVCache | None = None  # set by BD3Model.forward_inference only
 
     # ---------------------------------------------------------------------------------------------
 
@@ -168,19 +180,19 @@ class BD3CoreAttention(MegatronModule):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attention_mask: torch.Tensor | BlockMask | None,
+        attention_mask: AttentionMask | None,
         attn_mask_type: AttnMaskType | None = None,
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
-        """Attention over [sq, b, np, hn] queries and [sk, b, ng, hn] keys/values -> [sq, b, hp]."""
+        """Attention over [sq, b, np, hn] queries and [sk, b, ng, hn] keys/values -> [sq, b, hp].
+
+        attention_mask: None for the model's own attention (self.plan), else the caller's own
+        mask (bool tensor, BlockMask, or AttentionPattern.CAUSAL); see the module docstring."""
         if packed_seq_params is not None:
             raise ValueError("BD3CoreAttention does not support packed sequences (THD format)")
         if attention_bias is not None:
             raise ValueError("BD3CoreAttention does not support an additive attention_bias")
-
-        if self.kv_cache is not None:
-            key, value = self.kv_cache.extend(self.layer_number, key, value)  # [cache+sk, ...]
 
         # Grouped-query attention: [sk, b, ng, hn] -> [sk, b, np, hn].
         heads_per_group = (
@@ -190,13 +202,9 @@ class BD3CoreAttention(MegatronModule):
             key = key.repeat_interleave(heads_per_group, dim=2)
             value = value.repeat_interleave(heads_per_group, dim=2)
 
-        if attention_mask is None:
-            attention_mask = self._default_training_mask(query.size(0), key.size(0), query.device)
-
-        if self._use_block_attention(query, attention_mask):
+        if attention_mask is None and self._use_block_attention(query, key):
             context = block_attention.block_diffusion_attention(
-                query, key, value, self.config.seq_length, self.config.block_size,
-                self.softmax_scale,
+                query, key, value, self.plan.seq_length, self.plan.block_size, self.softmax_scale,
             )  # [sq, b, np, hn]
             return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)
 
@@ -205,65 +213,94 @@ class BD3CoreAttention(MegatronModule):
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
 
-        if isinstance(attention_mask, BlockMask):
+        if attention_mask is None:
+            context = self._own_attention(q, k, v)
+        elif isinstance(attention_mask, BlockMask):
             context = self._flex(q, k, v, attention_mask)
+        elif attention_mask is AttentionPattern.CAUSAL:
+            if q.size(2) != k.size(2):
+                raise ValueError(
+                    f"AttentionPattern.CAUSAL needs as many queries as keys, got {q.size(2)} "
+                    f"queries × {k.size(2)} keys; pass a bool mask (True = may attend) instead"
+                )
+            context = self._sdpa_call(q, k, v, None, is_causal=True)
+        elif isinstance(attention_mask, torch.Tensor):
+            context = self._sdpa_given_mask(q, k, v, attention_mask)
         else:
-            context = self._sdpa(q, k, v, attention_mask)
+            raise TypeError(
+                "BD3CoreAttention's attention_mask must be None (the model's own attention), a "
+                "bool tensor (True = may attend), a BlockMask or AttentionPattern.CAUSAL; got "
+                f"{type(attention_mask).__name__}"
+            )
 
         # [b, np, sq, hn] -> [sq, b, np, hn] -> [sq, b, hp]
         context = context.permute(2, 0, 1, 3).contiguous()
         return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)
 
-    # ---------------------------------------------------------------------------------------------
+    # -- the model's own attention (attention_mask=None) ----------------------------------------
 
-    def _default_training_mask(self, sq: int, sk: int, device: torch.device):
-        seq_length = getattr(self.config, "seq_length", 0)
-        if sq != 2 * seq_length or sk != 2 * seq_length:
+    def _check_own_shapes(self, sq: int, sk: int) -> None:
+        plan = self.plan
+        n = plan.stream_length
+        # The block-diffusion pattern also takes the L x_t queries alone (x_t-only last layer).
+        queries = (n,) if plan.pattern == "bidirectional" else (n, plan.seq_length)
+        if not plan.seq_length or sk != n or sq not in queries:
+            what = (
+                f"the full attention over L = {n} tokens (single stream)"
+                if plan.pattern == "bidirectional"
+                else f"the training mask over 2L = {n} tokens"
+            )
             raise ValueError(
                 f"BD3CoreAttention got attention_mask=None for {sq} queries × {sk} keys; None "
-                f"stands only for the training mask over 2L = {2 * seq_length} tokens. Pass an "
-                "explicit bool mask (True = may attend) for any other input"
+                f"stands only for the model's own attention, {what}. Pass an explicit bool mask "
+                "(True = may attend) for any other input"
             )
-        return training_attention_mask(seq_length, self.config.block_size, self.kernel, device)
 
-    def _training_mask_kind(self, mask) -> str | None:
-        seq_length = getattr(self.config, "seq_length", 0)
-        if not seq_length or not isinstance(mask, torch.Tensor):
-            return None
-        return training_mask_kind(mask, seq_length, self.config.block_size)
-
-    def _use_block_attention(self, query: torch.Tensor, mask) -> bool:
-        """The training mask on CPU without attention dropout: the block-structured kernel."""
-        if self.kv_cache is not None or self._training_mask_kind(mask) is None:
+    def _use_block_attention(self, query: torch.Tensor, key: torch.Tensor) -> bool:
+        """The block-diffusion pattern with sdpa on CPU without attention dropout: the
+        block-structured kernel (unless config.cpu_block_attention is off)."""
+        plan = self.plan
+        if plan.pattern != "block_diffusion" or plan.kernel != "sdpa":
             return False
+        self._check_own_shapes(query.size(0), key.size(0))
         dropout = self.dropout_p if self.training else 0.0
-        return dropout == 0.0 and block_attention.supports(query)
+        return plan.cpu_block_attention and dropout == 0.0 and block_attention.supports(query)
 
-    def _sdpa(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+    def _own_attention(self, q, k, v) -> torch.Tensor:
+        """[b, np, sq, hn] -> [b, np, sq, hn] under the plan's pattern (not block-structured)."""
+        plan = self.plan
+        self._check_own_shapes(q.size(2), k.size(2))
+        if plan.pattern == "bidirectional":
+            # x_t alone, one block: every query attends to every key, no mask needed.
+            return self._sdpa_call(q, k, v, None)
+        if plan.kernel == "flex":
+            if q.size(2) != k.size(2):
+                raise ValueError(
+                    "the x_t-only last layer needs attention_kernel 'sdpa'; flex runs all 2L "
+                    "queries"
+                )
+            block_mask = training_attention_mask(plan.seq_length, plan.block_size, "flex", q.device)
+            return self._flex(q, k, v, block_mask)
+        # The clean queries never attend to noisy keys: run them against the clean keys only
+        # (3L² scores instead of 4L²; the result is identical). With only the x_t queries given
+        # (last layer of a training forward), only the first call is needed.
+        seq_length = plan.seq_length
+        noisy_rows, clean_block = split_training_mask(seq_length, plan.block_size, q.device)
+        noisy = self._sdpa_call(q[:, :, :seq_length], k, v, noisy_rows)
+        if q.size(2) == seq_length:
+            return noisy  # [b, np, L, hn]
+        clean = self._sdpa_call(
+            q[:, :, seq_length:], k[:, :, seq_length:], v[:, :, seq_length:], clean_block
+        )
+        return torch.cat([noisy, clean], dim=2)  # [b, np, 2L, hn]
+
+    # -- a caller's own mask ----------------------------------------------------------------------
+
+    def _sdpa_given_mask(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
         if mask.dtype != torch.bool:
             raise TypeError(
                 f"BD3CoreAttention expects a bool mask (True = may attend), got dtype {mask.dtype}"
             )
-        if self._training_mask_kind(mask) is not None:
-            # The clean queries never attend to noisy keys: run them against the clean keys
-            # only (3L² scores instead of 4L²; the result is identical). With only the x_t
-            # queries given (last layer of a training forward), only the first call is needed.
-            seq_length = self.config.seq_length
-            noisy_rows, clean_block = split_training_mask(
-                seq_length, self.config.block_size, mask.device
-            )
-            noisy = self._sdpa_call(q[:, :, :seq_length], k, v, noisy_rows)
-            if q.size(2) == seq_length:
-                return noisy  # [b, np, L, hn]
-            clean = self._sdpa_call(
-                q[:, :, seq_length:], k[:, :, seq_length:], v[:, :, seq_length:], clean_block
-            )
-            return torch.cat([noisy, clean], dim=2)  # [b, np, 2L, hn]
-        plain = plain_mask_kind(mask)
-        if plain == "full":
-            return self._sdpa_call(q, k, v, None)
-        if plain == "causal" and q.size(2) == k.size(2):
-            return self._sdpa_call(q, k, v, None, is_causal=True)
         self._check_every_query_attends(mask)
         return self._sdpa_call(q, k, v, mask)
 

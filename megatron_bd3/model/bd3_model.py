@@ -8,14 +8,21 @@ The loss is SUBS + NELBO: the [MASK] logit is removed, the cross-entropy against
 token NLL, and megatron_bd3.diffusion.nelbo_from_token_nll (the single source of the NELBO) turns
 it into per-token loss terms.
 
-Work the loss cannot see is skipped (same loss up to summation order, tested):
-* the last layer computes only the x_t queries (self_attention.py; the training mask's
-  "x_t outputs only" variant tells it that nothing reads the x_0 half);
-* only the masked x_t positions are projected onto the vocabulary (carry-over unmasking gives
-  every other position zero loss, docs/method.md §2.2 item 7), and with TP = 1 SUBS + cross-entropy
-  is one masked fill and one fused log-softmax;
-* with B = L (MDLM) the x_0 stream is dropped altogether (config.single_stream): the only block
+Work the loss cannot see is skipped (same loss up to summation order, tested); each is a
+BD3Config switch, on by default:
+* the last layer computes only the x_t queries (x_t_only_last_layer, self_attention.py);
+* only the masked x_t positions are projected onto the vocabulary (masked_only_logits;
+  carry-over unmasking gives every other position zero loss, docs/method.md §2.2 item 7), and
+  with TP = 1 SUBS + cross-entropy is one masked fill and one fused log-softmax;
+* with B = L (MDLM) the x_0 stream is dropped altogether (single_stream_mdlm): the only block
   has no earlier clean blocks, so x_t never attends to x_0.
+
+Attention contract: the model hands its TransformerBlock attention_mask=None, which every
+BD3CoreAttention reads as "the model's own attention" and computes from the config (the
+block-diffusion mask over [x_t ; x_0], or full attention over x_t alone; kernel from
+config.attention_kernel and the device, see attention.py). A mask reaches the core attention only
+when a caller runs the decoder with its own. Which rows the last layer returns is told to the
+layers explicitly (BD3SelfAttention.outputs), never read off a tensor.
 
 Layouts: megatron is sequence-first. Inputs are batch-first token ids [b, L]; hidden states are
 [s, b, h] with s = 2L (or 2L/TP per rank under sequence parallel); loss terms are [b, L].
@@ -23,7 +30,7 @@ Attention masks are True = may attend (see masks.py), the opposite of megatron's
 
 Vocabulary: the embedding and output layer have config.padded_vocab_size rows (vocab_size rounded
 up to make_vocab_size_divisible_by × TP). Padded rows get logit -1e6 in the loss and are cut off
-by forward_logits / forward_inference, so the model is a distribution over vocab_size tokens.
+by forward_logits, so the model is a distribution over vocab_size tokens.
 """
 
 from __future__ import annotations
@@ -47,10 +54,9 @@ from megatron.core.utils import get_pg_rank
 from torch import Tensor
 
 from megatron_bd3.diffusion import nelbo_from_token_nll
-from megatron_bd3.model.attention import BD3CoreAttention, KVCache
 from megatron_bd3.model.config import BD3Config
 from megatron_bd3.model.layer_spec import get_bd3_block_spec, get_bd3_layer_spec
-from megatron_bd3.model.masks import full_attention_mask, training_attention_mask
+from megatron_bd3.model.self_attention import BD3SelfAttention
 
 # SUBS zero-masking: the [MASK] logit is pushed to -1e6 so the model never predicts [MASK]
 # (reference `_subs_parameterization`); the padded vocab rows get the same treatment.
@@ -205,7 +211,7 @@ class BD3Model(LanguageModule):
             other stages: hidden states [stream_length(/TP under sequence parallel), b, h]
                 (stream_length = 2L, or L for the single-stream B = L model).
         """
-        hidden_states = self._run_decoder(x_t, x_0, x_t_outputs_only=True)
+        hidden_states = self._run_decoder(x_t, x_0)  # last layer: x_t rows only (config)
         if not self.post_process:
             return hidden_states
         if loss_inputs is None:
@@ -214,7 +220,10 @@ class BD3Model(LanguageModule):
         labels = loss_inputs.labels if loss_inputs.labels is not None else x_0
         if labels is None:
             raise ValueError("the last pipeline stage needs x_0 (or loss_inputs.labels)")
-        token_nll = self._masked_token_nll(hidden_states, labels, loss_inputs.masked)  # [b, L]
+        if self.config.masked_only_logits:
+            token_nll = self._masked_token_nll(hidden_states, labels, loss_inputs.masked)
+        else:
+            token_nll = self._all_positions_token_nll(hidden_states, labels)  # [b, L]
         nelbo = nelbo_from_token_nll(
             token_nll,
             loss_inputs.masked,
@@ -236,79 +245,32 @@ class BD3Model(LanguageModule):
         parallel): rows [0, L) are the x_t half, [L, 2L) the x_0 half; [L, b, h] (x_t only) for
         the single-stream B = L model. For tests and analysis."""
         self._require_single_stage("forward_hidden")
-        hidden_states = self._run_decoder(x_t, x_0)
-        return self._gather_sequence(hidden_states)
-
-    # -- inference forward -----------------------------------------------------------------------
-
-    def forward_inference(
-        self,
-        tokens: Tensor,
-        attention_mask: Tensor,
-        positions: Tensor | None = None,
-        kv_cache: KVCache | None = None,
-    ) -> Tensor:
-        """One stream of n tokens under an explicit mask: logits [b, n, vocab_size] (gathered; at
-        TP = 1 a transposed view of the output layer's [n, b, V], not copied).
-
-        Used for evaluation and sampling. Without a cache this is prefix recomputation: the
-        window [clean prefix ; noisy block] under megatron_bd3.diffusion.sampling_mask gives the
-        training logits of that block. With a KVCache the n tokens attend to the cached tokens
-        plus themselves: run each finished clean block once with `kv_cache.store = True`, then
-        the denoising calls of the next block with `store = False` (docs/method.md §3.3).
-
-        Args:
-            tokens: [b, n] token ids.
-            attention_mask: bool, True = may attend: [n, n], or [n, cached + n] with a cache
-                (or broadcastable to [b, heads, ...]).
-            positions: [n] or [b, n] RoPE positions; default cached .. cached + n - 1.
-            kv_cache: optional KVCache, read and (if kv_cache.store) extended in place.
-        """
-        self._require_single_stage("forward_inference")
-        b, n = tokens.shape
-        tp = self.config.tensor_model_parallel_size
-        if self.config.sequence_parallel and n % tp:
-            raise ValueError(
-                f"forward_inference with sequence_parallel needs n = {n} tokens to be a multiple "
-                f"of tensor_model_parallel_size {tp}"
+        layers = [m for m in self.modules() if isinstance(m, BD3SelfAttention)]
+        full_recompute = self.config.recompute_granularity == "full" and self.training
+        if full_recompute and torch.is_grad_enabled() and any(m.x_t_rows_eligible for m in layers):
+            # megatron recomputes the layers in backward, after forward_hidden has set them back
+            # to computing the x_t rows only.
+            raise RuntimeError(
+                "forward_hidden reads all 2L rows and cannot be back-propagated under activation "
+                "recompute; call it in eval mode or under torch.no_grad()"
             )
-        if attention_mask.dtype != torch.bool:
-            raise TypeError(
-                f"attention_mask must be bool (True = may attend), got {attention_mask.dtype}"
-            )
-        cached = kv_cache.length if kv_cache is not None else 0
-        if attention_mask.size(-1) != cached + n:
-            raise ValueError(
-                f"attention_mask has {attention_mask.size(-1)} key columns; expected "
-                f"{cached} cached + {n} new = {cached + n}"
-            )
-        if positions is None:
-            positions = torch.arange(cached, cached + n, device=tokens.device)
-        attentions = [m for m in self.modules() if isinstance(m, BD3CoreAttention)]
-        for attention in attentions:
-            attention.kv_cache = kv_cache
+        for layer in layers:
+            layer.outputs = "all"
         try:
-            hidden_states = self.embedding(input_ids=tokens, position_ids=None)  # [n(/tp), b, h]
-            hidden_states = self.decoder(
-                hidden_states=hidden_states,
-                attention_mask=attention_mask,
-                rotary_pos_emb=self._rotary_for_positions(positions, n),
-            )
+            hidden_states = self._run_decoder(x_t, x_0)
         finally:
-            for attention in attentions:
-                attention.kv_cache = None
-        logits = self._x_t_logits(hidden_states, n)  # [n, b, V/tp]
-        return self._gather_vocab(logits.transpose(0, 1))
+            for layer in layers:
+                layer.outputs = "x_t"
+        return self._gather_sequence(hidden_states)
 
     # -- pieces ----------------------------------------------------------------------------------
 
-    def _run_decoder(
-        self, x_t: Tensor | None, x_0: Tensor | None, x_t_outputs_only: bool = False
-    ) -> Tensor:
+    def _run_decoder(self, x_t: Tensor | None, x_0: Tensor | None) -> Tensor:
         """The decoder over the training input: [x_t ; x_0] (2L), or x_t alone (single stream).
 
-        x_t_outputs_only: the caller reads only the x_t rows of the result, so the last layer may
-        skip the x_0 queries (then the result has L rows)."""
+        The attention mask is None: every core attention runs the model's own attention from
+        the config (attention.AttentionPlan). The last layer returns the x_t rows only (L rows)
+        when config.x_t_only_last_layer applies, unless forward_hidden asked for all rows."""
         L = self.config.seq_length
         single_stream = self.config.single_stream
         decoder_input = None
@@ -325,22 +287,8 @@ class BD3Model(LanguageModule):
         device = self._device()
         return self.decoder(
             hidden_states=decoder_input,
-            attention_mask=self._training_attention_mask(device, x_t_outputs_only),
+            attention_mask=None,  # the model's own attention (config), not a caller's mask
             rotary_pos_emb=self._training_rotary(device),
-        )
-
-    def _training_attention_mask(self, device: torch.device, x_t_outputs_only: bool = False):
-        config = self.config
-        if config.single_stream:
-            # x_t alone, one block: full bidirectional attention (SDPA without a mask).
-            return full_attention_mask(config.seq_length, device)
-        kernel = config.resolved_attention_kernel
-        if kernel == "flex" and config.recompute_granularity is not None:
-            # megatron's checkpoint function can only save tensors; BD3CoreAttention rebuilds the
-            # (cached) BlockMask itself when it receives None.
-            return None
-        return training_attention_mask(
-            config.seq_length, config.block_size, kernel, device, x_t_outputs_only=x_t_outputs_only
         )
 
     def _training_rotary(self, device: torch.device) -> Tensor | None:
@@ -352,20 +300,6 @@ class BD3Model(LanguageModule):
         if self.config.single_stream:
             return table
         return torch.cat([table, table], dim=0)  # [2L, 1, 1, d]
-
-    def _rotary_for_positions(self, positions: Tensor, n: int) -> Tensor | None:
-        """RoPE angles for arbitrary positions: [n] -> [n, 1, 1, d], [b, n] -> [n, b, 1, d]."""
-        if self.rotary_pos_emb is None:
-            return None
-        if positions.size(-1) != n or positions.dim() not in (1, 2):
-            raise ValueError(f"positions must be [n] or [b, n] with n = {n}, got {positions.shape}")
-        if bool((positions < 0).any()):
-            raise ValueError("positions must be non-negative")
-        span = int(positions.max()) + 1
-        table = self.rotary_pos_emb(span).to(positions.device)  # [span, 1, 1, d]
-        if positions.dim() == 1:
-            return table[positions]  # [n, 1, 1, d]
-        return table[positions.transpose(0, 1), 0]  # [n, b, 1, d]
 
     def _x_t_logits(self, hidden_states: Tensor, keep: int) -> Tensor:
         """Output layer on the first `keep` sequence positions only: [keep, b, V/tp]."""
@@ -407,6 +341,22 @@ class BD3Model(LanguageModule):
         logits, _ = self.output_layer(rows.unsqueeze(1), weight=weight)  # [M, 1, V/tp]
         nll = self._subs_token_nll(logits, labels[masked].unsqueeze(1))  # [M, 1]
         return nll.new_zeros(labels.shape).masked_scatter(masked, nll.squeeze(1))  # [b, L]
+
+    def _all_positions_token_nll(self, hidden_states: Tensor, labels: Tensor) -> Tensor:
+        """-log p_θ(x_0 | x_t) at all L x_t positions: [b, L] (config.masked_only_logits off).
+
+        Every position is projected onto the vocabulary, SUBS is an out-of-place masked fill and
+        the NLL megatron's vocab-parallel cross-entropy; the NELBO ignores the unmasked
+        positions. The same loss as _masked_token_nll at about twice the output-layer work: kept
+        to measure what the masked-only path buys (tools/bench/train_step_bench.py --without)."""
+        logits = self._x_t_logits(hidden_states, self.config.seq_length)  # [L, b, V/tp]
+        vocab_local = logits.size(-1)
+        vocab_start = parallel_state.get_tensor_model_parallel_rank() * vocab_local
+        vocab_ids = torch.arange(vocab_start, vocab_start + vocab_local, device=logits.device)
+        blocked = (vocab_ids == self.config.mask_token_id) | (vocab_ids >= self.vocab_size)
+        logits = logits.float().masked_fill(blocked, SUBS_NEG_INF)
+        nll = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t().contiguous())
+        return nll.t()  # [L, b] -> [b, L]
 
     def _subs_token_nll(self, logits: Tensor, labels: Tensor) -> Tensor:
         """-log p_θ(label) under SUBS zero-masking: logits [s, b, V/tp], labels [s, b] -> [s, b].

@@ -122,6 +122,31 @@ class BD3Config(TransformerConfig):
     the x_0 stream cannot change the loss and is skipped: same loss, half the tokens. False
     keeps the two-stream input (for checking that equality)."""
 
+    # -- fast paths: each computes the same loss and gradients (up to summation order, tested in
+    # tests/model/test_fast_paths.py) for less work; off only to measure what it buys
+    # (tools/bench/train_step_bench.py --without) or to check the equality.
+
+    cpu_block_attention: bool = True
+    """On CPU, with the sdpa kernel and no active attention dropout, compute the model's own
+    block-diffusion attention block by block (block_attention.py: L² + 2·C·L scores per head
+    instead of 3L²). False: SDPA with the dense mask in two calls, as on GPU."""
+
+    x_t_only_last_layer: bool = True
+    """In the two-stream training forward the last layer computes only the L x_t queries (and
+    runs its output projection, residual and MLP on those rows): nothing reads the x_0 half of
+    its output. Applies with the sdpa kernel, without sequence parallelism and with
+    short_self_attention_forward; forward_hidden still returns all 2L rows."""
+
+    short_self_attention_forward: bool = True
+    """BD3SelfAttention runs its short forward (qkv, one-pass RoPE, core attention, projection)
+    for the model's plain calls. False: megatron's SelfAttention.forward for every call (its
+    RoPE), which also turns x_t_only_last_layer off."""
+
+    masked_only_logits: bool = True
+    """Project only the masked x_t positions onto the vocabulary for the loss, and at TP = 1 take
+    SUBS + cross-entropy as one masked fill and one fused cross-entropy. False: all L x_t
+    positions, an out-of-place SUBS fill and megatron's vocab-parallel cross-entropy."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self._validate_bd3()

@@ -3,18 +3,22 @@
 BD3Model calls self-attention in one plain way (no inference context, no packed sequences, RoPE
 angles as one [s, 1 or b, 1, d] table, no output gate), for which megatron's general forward
 reduces to: qkv projection, RoPE on q and k, core attention, output projection. This class runs
-exactly that, with two differences that change the cost, not the result:
+exactly that (config.short_self_attention_forward, default on), with two differences that change
+the cost, not the result:
 
 * RoPE through megatron_bd3.model.rope (one pass per half instead of megatron's unfused chain of
   slices, negations and concatenations; identical formula).
-* x_t queries only in the last layer of a training forward. When the mask is the
-  "x_t outputs only" training mask (masks.training_attention_mask(x_t_outputs_only=True)) and
-  this is the model's last layer, nothing reads the x_0 half of the output (the loss uses the
-  x_t half; the x_0 half only ever served as keys/values, and after the last layer there are no
-  more). The layer then computes the x_t queries' attention only, and the rest of the layer (its
-  output projection, residual, MLP) runs on the L x_t rows: see `x_t_rows_bias_dropout_add`,
-  which cuts the residual to the rows the attention returned. Keys and values still come from all
-  2L tokens. Not under sequence parallelism (the rows of a rank are not the x_t rows).
+* x_t queries only in the model's last layer (config.x_t_only_last_layer, default on). In the
+  two-stream training forward nothing reads the x_0 half of the last layer's output (the loss
+  uses the x_t half; the x_0 half only ever served as keys/values, and after the last layer there
+  are no more). The layer then computes the x_t queries' attention only, and the rest of the
+  layer (its output projection, residual, MLP) runs on the L x_t rows: see
+  `x_t_rows_bias_dropout_add`, which cuts the residual to the rows the attention returned. Keys
+  and values still come from all 2L tokens. Decided explicitly, never from the mask tensor:
+  at construction from the config (last layer, two streams, sdpa, no sequence parallelism — the
+  rows of a rank are not the x_t rows), and per call by `outputs` (set by BD3Model:
+  "x_t" for the training forward, "all" inside BD3Model.forward_hidden), and only for the model's
+  own attention (attention_mask None), never for a caller's own mask.
 
 Every other call (inference contexts, packed sequences, interleaved or scaled RoPE, gates,
 activation offloading, ...) goes to megatron's forward unchanged.
@@ -29,7 +33,6 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 from megatron.core.transformer.attention import SelfAttention
 from torch import Tensor
 
-from megatron_bd3.model.masks import training_mask_kind
 from megatron_bd3.model.rope import apply_rotary, rotary_cos_sin
 
 
@@ -54,7 +57,21 @@ class BD3SelfAttention(SelfAttention):
                 getattr(self, "offload_attn_proj", False),
             )
         )
-        self._is_last_layer = self.layer_number == config.num_layers
+        self._short_forward = self._short_forward and getattr(
+            config, "short_self_attention_forward", True
+        )
+        # Whether this layer may ever compute the x_t queries alone (see the module docstring).
+        self.x_t_rows_eligible = (
+            self._short_forward
+            and getattr(config, "x_t_only_last_layer", False)
+            and self.layer_number == config.num_layers
+            and not config.sequence_parallel
+            and not getattr(config, "single_stream", False)
+            and getattr(config, "resolved_attention_kernel", None) == "sdpa"
+        )
+        # Which output rows the caller reads in the current call: "x_t" (the training forward,
+        # the resting state) or "all" (BD3Model.forward_hidden sets it for its call).
+        self.outputs = "x_t"
 
     def forward(
         self,
@@ -124,15 +141,11 @@ class BD3SelfAttention(SelfAttention):
         return self.linear_proj(core_attn_out)
 
     def _x_t_rows_only(self, attention_mask, rows: int) -> int | None:
-        """L if this layer may compute the x_t queries only (see the module docstring)."""
-        if not self._is_last_layer or self.config.sequence_parallel:
+        """L if this call computes the x_t queries only (see the module docstring)."""
+        if not self.x_t_rows_eligible or self.outputs != "x_t" or attention_mask is not None:
             return None
-        seq_length = getattr(self.config, "seq_length", 0)
-        if rows != 2 * seq_length or not isinstance(attention_mask, Tensor):
-            return None
-        if training_mask_kind(attention_mask, seq_length, self.config.block_size) != "x_t":
-            return None
-        return seq_length
+        seq_length = self.config.seq_length
+        return seq_length if rows == 2 * seq_length else None
 
 
 def x_t_rows_bias_dropout_add(training: bool, fused: bool):

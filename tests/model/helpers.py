@@ -59,6 +59,25 @@ def block_causal_mask(length: int, block_size: int) -> torch.Tensor:
     return torch.kron(torch.tril(torch.ones(n, n)), torch.ones(block_size, block_size)).bool()
 
 
+def single_stream_logits(model, tokens, attention_mask, positions=None) -> torch.Tensor:
+    """One stream of n tokens through a single-stage BD3Model's modules under a caller's own
+    mask (bool, True = may attend, or AttentionPattern.CAUSAL): logits [b, n, vocab_size].
+
+    What a sampler or evaluator does with the network: embedding, the decoder with the mask
+    handed down to every core attention, final norm, output layer, padding cut off. positions
+    ([n], RoPE) default to 0 .. n-1."""
+    n = tokens.size(1)
+    if positions is None:
+        positions = torch.arange(n)
+    table = model.rotary_pos_emb(int(positions.max()) + 1)  # [span, 1, 1, d]
+    hidden = model.embedding(input_ids=tokens, position_ids=None)  # [n(/tp), b, h]
+    hidden = model.decoder(
+        hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=table[positions]
+    )
+    logits = model._x_t_logits(hidden, n)  # [n, b, V/tp] (gathered over sequence parallel)
+    return model._gather_vocab(logits.transpose(0, 1))  # [b, n, vocab_size]
+
+
 def random_batch(
     batch: int, seed: int, seq_length: int = SEQ_LENGTH, mask_rate: float = 0.5
 ) -> dict[str, torch.Tensor]:

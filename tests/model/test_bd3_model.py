@@ -13,7 +13,6 @@ from megatron_bd3.model import (
     BD3Config,
     BD3LossInputs,
     BD3Model,
-    KVCache,
     ar_config,
     forward_step,
     loss_func,
@@ -27,6 +26,7 @@ from tests.model.helpers import (
     block_causal_mask,
     random_batch,
     reference_bd3_mask,
+    single_stream_logits,
     tiny_overrides,
 )
 from tests.reference_dit import fold_into_megatron, random_reference_weights, reference_forward
@@ -67,7 +67,7 @@ def test_two_stream_with_clean_input_equals_block_causal_single_stream(single_ra
     with torch.no_grad():
         two_stream = model.forward_logits(x_0, x_0)
         hidden = model.forward_hidden(x_0, x_0)
-        single = model.forward_inference(x_0, block_causal_mask(SEQ_LENGTH, BLOCK_SIZE))
+        single = single_stream_logits(model, x_0, block_causal_mask(SEQ_LENGTH, BLOCK_SIZE))
     torch.testing.assert_close(two_stream, single, **TOL)
     torch.testing.assert_close(hidden[:SEQ_LENGTH], hidden[SEQ_LENGTH:], **TOL)
 
@@ -132,7 +132,7 @@ def test_block_size_one_is_autoregressive(single_rank):
         for i in range(SEQ_LENGTH):
             tokens = torch.cat([x_0[:, :i], torch.full((1, 1), MASK_ID)], dim=1)
             causal = torch.tril(torch.ones(i + 1, i + 1, dtype=torch.bool))
-            expected = model.forward_inference(tokens, causal)[0, -1]
+            expected = single_stream_logits(model, tokens, causal)[0, -1]
             torch.testing.assert_close(logits[i], expected, **TOL)
 
 
@@ -150,7 +150,7 @@ def test_block_size_l_is_mdlm(single_rank):
     with torch.no_grad():
         torch.testing.assert_close(
             model.forward_logits(batch["x_t"], batch["x_0"]),
-            model.forward_inference(batch["x_t"], full),
+            single_stream_logits(model, batch["x_t"], full),
             **TOL,
         )
 
@@ -199,31 +199,12 @@ def test_prefix_recompute_inference_matches_training_noisy_block(single_rank):
             start, end = block * BLOCK_SIZE, (block + 1) * BLOCK_SIZE
             window = torch.cat([batch["x_0"][:, :start], batch["x_t"][:, start:end]], dim=1)
             mask = sampling_mask(start, BLOCK_SIZE)
-            logits = model.forward_inference(window, mask)
+            logits = single_stream_logits(model, window, mask)
             torch.testing.assert_close(logits[:, start:end], training[:, start:end], **TOL)
         # Positions shifted by a window offset (sliding window): RoPE is relative, so equal.
         window = torch.cat([batch["x_0"][:, :4], batch["x_t"][:, 4:8]], dim=1)
-        shifted = model.forward_inference(window, sampling_mask(4, 4), torch.arange(8) + 3)
+        shifted = single_stream_logits(model, window, sampling_mask(4, 4), torch.arange(8) + 3)
         torch.testing.assert_close(shifted[:, 4:], training[:, 4:8], **TOL)
-
-
-def test_kv_cache_sampling_loop_matches_training_noisy_blocks(single_rank):
-    """Algorithm 2: denoise block b against the cache of clean blocks < b, then store block b."""
-    model = build(seed=10)
-    batch = random_batch(2, seed=15)
-    cache = KVCache()
-    with torch.no_grad():
-        training = model.forward_logits(batch["x_t"], batch["x_0"])
-        for block in range(SEQ_LENGTH // BLOCK_SIZE):
-            start, end = block * BLOCK_SIZE, (block + 1) * BLOCK_SIZE
-            visible = torch.ones(BLOCK_SIZE, end, dtype=torch.bool)  # cache + own block
-            logits = model.forward_inference(batch["x_t"][:, start:end], visible, kv_cache=cache)
-            torch.testing.assert_close(logits, training[:, start:end], **TOL)
-            assert cache.length == start  # a denoising call does not grow the cache
-            cache.store = True
-            model.forward_inference(batch["x_0"][:, start:end], visible, kv_cache=cache)
-            cache.store = False
-    assert cache.length == SEQ_LENGTH
 
 
 def _loss_and_grads(model, batch):

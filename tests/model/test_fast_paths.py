@@ -3,7 +3,10 @@
 Covered: block-structured training attention (block_attention.py), the rotary embedding
 (rope.py), the whole training loss and every parameter gradient of the optimized forward (x_t-only
 last layer, masked-only vocabulary projection, fused SUBS cross-entropy, short self-attention
-forward), the single-stream B = L model against the two-stream one, and the cached plain masks.
+forward), the single-stream B = L model against the two-stream one, each fast-path switch of
+BD3Config (it changes the path taken, not the loss or a gradient), and the attention contract
+(None = the model's own attention from the config; a caller's own mask is used as given; the
+causal pattern equals an explicit causal mask).
 
 Tolerances: fp32 kernels against float64 brute force, 1e-5 (absolute and relative) for values;
 gradients 1e-5 absolute + 1e-4 relative (summed over many products in fp32).
@@ -16,24 +19,29 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_bd3.model import (
+    AttentionPattern,
+    AttentionPlan,
     BD3Config,
+    BD3CoreAttention,
     BD3LossInputs,
     BD3Model,
-    causal_attention_mask,
-    full_attention_mask,
+    block_attention,
     loss_func,
     mdlm_config,
+    self_attention,
+    training_attention_mask,
 )
 from megatron_bd3.model.block_attention import block_diffusion_attention, chunk_rows
-from megatron_bd3.model.masks import plain_mask_kind
 from megatron_bd3.model.rope import apply_rotary
 from tests.model.helpers import (
     MASK_ID,
     VOCAB_SIZE,
     random_batch,
     reference_bd3_mask,
+    single_stream_logits,
     tiny_overrides,
 )
 
@@ -232,27 +240,165 @@ def test_last_layer_computes_x_t_rows_only_for_the_loss(single_rank):
     assert rows == [config.seq_length, 2 * config.seq_length]
 
 
-# -- cached plain masks -------------------------------------------------------------------------------
+# -- fast-path switches ----------------------------------------------------------------------------
 
 
-def test_cached_plain_masks_equal_explicit_masks(single_rank):
+class _Calls:
+    """Wraps a function and counts its calls."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.count = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.count += 1
+        return self.fn(*args, **kwargs)
+
+
+def _path_probe(model: BD3Model, monkeypatch):
+    """Counters of what one training step runs: block-structured attention calls, one-pass RoPE
+    calls, the last layer's output rows, and the rows the output layer projects."""
+    block = _Calls(block_attention.block_diffusion_attention)
+    rope = _Calls(self_attention.apply_rotary)
+    monkeypatch.setattr(block_attention, "block_diffusion_attention", block)
+    monkeypatch.setattr(self_attention, "apply_rotary", rope)
+    seen: dict[str, list[int]] = {"last_layer_rows": [], "projected_rows": []}
+    model.decoder.layers[-1].register_forward_hook(
+        lambda module, args, output: seen["last_layer_rows"].append(output[0].size(0))
+    )
+    model.output_layer.register_forward_hook(
+        lambda module, args, output: seen["projected_rows"].append(args[0].shape[0] * args[0].shape[1])
+    )
+    return block, rope, seen
+
+
+@pytest.mark.parametrize(
+    "switch",
+    ["cpu_block_attention", "x_t_only_last_layer", "short_self_attention_forward",
+     "masked_only_logits"],
+)
+def test_each_fast_path_switch_changes_the_path_not_the_loss(single_rank, monkeypatch, switch):
+    L, B, batch_size = 48, 4, 2
+    batch = random_batch(batch_size, seed=31, seq_length=L)
+    results = {}
+    for on in (True, False):
+        config = BD3Config(**tiny_overrides(seq_length=L, block_size=B, **{switch: on}))
+        torch.manual_seed(30)
+        model = BD3Model(config).train()
+        with monkeypatch.context() as patch:
+            block, rope, seen = _path_probe(model, patch)
+            loss, grads = model_loss_and_grads(model, batch)
+        results[on] = (loss, grads, block.count, rope.count, seen)
+        params = {name: p.detach().double().requires_grad_() for name, p in model.named_parameters()}
+        expected = brute_force_nelbo(params, config, batch, two_stream=True)
+        expected.backward()
+        torch.testing.assert_close(loss.double(), expected.detach(), **TOL)
+        for name, param in params.items():
+            torch.testing.assert_close(grads[name].double(), param.grad, **GRAD_TOL, msg=name)
+
+    layers = 2
+    masked = int(batch["masked"].sum())
+    on, off = results[True], results[False]
+    torch.testing.assert_close(on[0], off[0], **TOL)
+    # Every switch on: block attention in each layer, RoPE on q and k in each layer, the last
+    # layer on the L x_t rows, the output layer on the masked positions only.
+    assert on[2:4] == (layers, 2 * layers)
+    assert on[4] == {"last_layer_rows": [L], "projected_rows": [masked]}
+    path_off = {
+        "cpu_block_attention": (0, 2 * layers, [L], [masked]),
+        "x_t_only_last_layer": (layers, 2 * layers, [2 * L], [masked]),
+        "short_self_attention_forward": (layers, 0, [2 * L], [masked]),
+        "masked_only_logits": (layers, 2 * layers, [L], [batch_size * L]),
+    }[switch]
+    assert (off[2], off[3], off[4]["last_layer_rows"], off[4]["projected_rows"]) == path_off
+
+
+def test_attention_plan_comes_from_the_config():
+    two_stream = BD3Config(**tiny_overrides())
+    plan = AttentionPlan.from_config(two_stream)
+    assert (plan.pattern, plan.kernel, plan.cpu_block_attention) == ("block_diffusion", "sdpa", True)
+    assert plan.stream_length == 2 * two_stream.seq_length
+    single = BD3Config(**tiny_overrides(block_size=16, attention_kernel="flex"))
+    plan = AttentionPlan.from_config(single)
+    assert (plan.pattern, plan.kernel, plan.stream_length) == ("bidirectional", "flex", 16)
+    off = AttentionPlan.from_config(BD3Config(**tiny_overrides(cpu_block_attention=False)))
+    assert not off.cpu_block_attention
+
+
+# -- the attention contract: None = the model's own attention, anything else as given -----------
+
+
+def _core_attention(**extra) -> BD3CoreAttention:
+    config = BD3Config(**tiny_overrides(**extra))
+    return BD3CoreAttention(
+        config=config, layer_number=1, attn_mask_type=AttnMaskType.arbitrary,
+        attention_type="self",
+    ).eval()
+
+
+def test_a_callers_mask_is_used_as_given(single_rank, monkeypatch):
+    attention = _core_attention()  # L = 16, B = 4: its own attention is the 32-token BD3 mask
+    gen = torch.Generator().manual_seed(40)
+    q, k, v = (torch.randn(32, 2, 4, 8, generator=gen) for _ in range(3))
+    block = _Calls(block_attention.block_diffusion_attention)
+    monkeypatch.setattr(block_attention, "block_diffusion_attention", block)
+    own = attention(q, k, v, None)
+    assert block.count == 1  # the model's own attention: block-structured on CPU
+    torch.testing.assert_close(
+        own.view(32, 2, 4, 8).double(),
+        masked_softmax_attention(q, k, v, reference_bd3_mask(16, 4), 8**-0.5),
+        **TOL,
+    )
+    # The cached training mask handed over as a tensor is a caller's mask like any other: one
+    # dense SDPA call (no identity check routes it to a structured kernel), same values.
+    cached = training_attention_mask(16, 4, "sdpa", "cpu")
+    torch.testing.assert_close(attention(q, k, v, cached), own, **TOL)
+    assert block.count == 1
+    # Any other mask of the same shape is honoured, not replaced by the model's own.
+    allowed = torch.rand(32, 32, generator=gen) < 0.3
+    allowed |= torch.eye(32, dtype=torch.bool)
+    expected = masked_softmax_attention(q, k, v, allowed, 8**-0.5)
+    torch.testing.assert_close(attention(q, k, v, allowed).view(32, 2, 4, 8).double(), expected, **TOL)
+
+
+def test_callers_mask_reaches_every_layer_and_keeps_all_rows(single_rank):
+    """Through the decoder: a caller's mask is used in every layer, and the x_t-only last layer
+    (a property of the model's own attention) never cuts the rows of a caller's pass."""
+    config = BD3Config(**tiny_overrides())
+    torch.manual_seed(41)
+    model = BD3Model(config).eval()
+    L = config.seq_length
+    batch = random_batch(2, seed=42)
+    rows = []
+    model.decoder.layers[-1].register_forward_hook(
+        lambda module, args, output: rows.append(output[0].size(0))
+    )
+    tokens = torch.cat([batch["x_t"], batch["x_0"]], dim=1)  # [b, 2L]
+    positions = torch.arange(L).repeat(2)
+    with torch.no_grad():
+        given = single_stream_logits(model, tokens, reference_bd3_mask(L, 4), positions)
+        training = model.forward_logits(batch["x_t"], batch["x_0"])
+        # A different mask (the clean half also sees noise) changes the clean rows.
+        everything = torch.ones(2 * L, 2 * L, dtype=torch.bool)
+        other = single_stream_logits(model, tokens, everything, positions)
+    assert rows == [2 * L, L, 2 * L]
+    torch.testing.assert_close(given[:, :L], training, **TOL)
+    assert not torch.allclose(other[:, :L], training, atol=1e-3)
+
+
+def test_causal_pattern_equals_an_explicit_causal_mask(single_rank):
     config = BD3Config(**tiny_overrides())
     torch.manual_seed(27)
     model = BD3Model(config).eval()
     tokens = random_batch(2, seed=28)["x_0"]
     n = tokens.size(1)
     explicit_causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
-    explicit_full = torch.ones(n, n, dtype=torch.bool)
-    assert plain_mask_kind(explicit_causal) is None and plain_mask_kind(explicit_full) is None
-    assert plain_mask_kind(causal_attention_mask(n, "cpu")) == "causal"
-    assert plain_mask_kind(full_attention_mask(n, "cpu")) == "full"
     with torch.no_grad():
-        for cached, explicit in (
-            (causal_attention_mask(n, "cpu"), explicit_causal),
-            (full_attention_mask(n, "cpu"), explicit_full),
-        ):
-            torch.testing.assert_close(
-                model.forward_inference(tokens, cached),
-                model.forward_inference(tokens, explicit),
-                **TOL,
-            )
+        torch.testing.assert_close(
+            single_stream_logits(model, tokens, AttentionPattern.CAUSAL),
+            single_stream_logits(model, tokens, explicit_causal),
+            **TOL,
+        )
+    attention = _core_attention()
+    q, k, v = (torch.randn(8, 1, 4, 8) for _ in range(3))
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        attention(q[:4], k, v, AttentionPattern.CAUSAL)

@@ -107,7 +107,7 @@ def bench_attention(device: torch.device, lengths: list[int], batch: int, warmup
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_bd3.diffusion import block_diffusion_mask
-    from megatron_bd3.model import BD3Config, BD3CoreAttention, training_attention_mask
+    from megatron_bd3.model import BD3Config, BD3CoreAttention
     from megatron_bd3.parallel import cpu_safe_config_overrides
 
     kernels = ["flex", "sdpa"] if device.type == "cuda" else ["sdpa"]
@@ -127,7 +127,7 @@ def bench_attention(device: torch.device, lengths: list[int], batch: int, warmup
             module = BD3CoreAttention(config=config, layer_number=1,
                                       attn_mask_type=AttnMaskType.arbitrary,
                                       attention_type="self").to(device)
-            mask = training_attention_mask(L, BLOCK, kernel, device)
+            mask = None  # the module's own attention: the training mask of its config
             qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
             with torch.no_grad():
                 out = module(q, k, v, mask)
@@ -185,18 +185,18 @@ def _step(model, preset: str, batch: int, device: torch.device) -> Callable[[], 
     import torch.nn.functional as F
 
     from megatron_bd3.diffusion import noise_batch
-    from megatron_bd3.model import BD3LossInputs, causal_attention_mask, loss_func
+    from megatron_bd3.model import BD3LossInputs, loss_func
+    from tools.bench.train_step_bench import causal_lm_logits
 
     config = model.config
     L = config.seq_length
     generator = torch.Generator().manual_seed(0)
     x_0 = torch.randint(0, config.vocab_size - 1, (batch, L), generator=generator).to(device)
     if preset == "ar":
-        mask = causal_attention_mask(L, device)
-
         def ar_step() -> None:
             model.zero_grad(set_to_none=True)
-            logits = model.forward_inference(x_0, mask)  # [b, L, V]
+            # causal pass (SDPA is_causal); [L, b, V] -> [b, L, V] view
+            logits = causal_lm_logits(model, x_0).transpose(0, 1)
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
                                    x_0[:, 1:].reshape(-1))
             loss.backward()

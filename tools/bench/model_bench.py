@@ -8,16 +8,18 @@ Part "attention": one core-attention call over the two-stream sequence (2L token
 8 heads × 64) for L in --lengths and batch in --batches, with
     flex      BD3CoreAttention + FlexAttention BlockMask (compiled; on CPU forward only, because
               FlexAttention has no CPU backward; compile time reported separately)
-    sdpa      BD3CoreAttention + dense bool mask, forward + backward (the training mask is run
-              as two calls that skip the all-False clean-query × noisy-key quadrant)
-    sdpa_dense  the same with one call over the full 2L × 2L mask (a copy of the mask, so the
-              split is not recognised), to show what the split saves
+    sdpa      BD3CoreAttention's own attention (attention_mask=None) with attention_kernel
+              'sdpa', forward + backward: block by block on CPU (block_attention.py), else the
+              dense mask in two calls that skip the all-False clean-query × noisy-key quadrant
+    sdpa_dense  the same mask handed over as a caller's own bool mask: one SDPA call over the
+              full 2L × 2L, to show what the structured paths save
     megatron  megatron-core's DotProductAttention with the same mask inverted to its convention
               (True = masked out), forward + backward
 Part "step": one optimizer-free training step (forward + backward) of the same BD3Model weights
     BD3  two streams [x_t ; x_0] (2L tokens) under the BD3 mask, SUBS + NELBO loss, with
          --step-kernel (auto: flex with CUDA, sdpa on CPU)
-    AR   one stream of L tokens under a dense causal mask (SDPA), next-token cross-entropy
+    AR   one stream of L tokens under a dense causal mask (SDPA; the caller's own mask through
+         the decoder, tools.bench.train_step_bench.causal_lm_logits), next-token cross-entropy
 and their ratio.
 
 Timing: the fastest wall time of --repeats runs after one warm-up run (the machine is shared,
@@ -166,13 +168,12 @@ def _attention_case(kernel: str, seq_length: int, batch: int, device: torch.devi
         attn_mask_type=AttnMaskType.arbitrary,
         attention_type="self",
     ).to(device)
-    mask = training_attention_mask(
-        seq_length, BLOCK_SIZE, "flex" if kernel == "flex" else "sdpa", device
-    )
+    # flex / sdpa: the core attention's own attention (None); the other two get the dense mask.
+    mask = None
+    if kernel in ("megatron", "sdpa_dense"):
+        mask = training_attention_mask(seq_length, BLOCK_SIZE, "sdpa", device)
     if kernel == "megatron":
         mask = to_megatron_mask(mask)
-    elif kernel == "sdpa_dense":
-        mask = mask.clone()
     forward_only = kernel == "flex" and device.type == "cpu"
     s = 2 * seq_length
     q, k, v = (
@@ -252,6 +253,7 @@ def _step_model(shape: dict[str, int], seq_length: int, device: torch.device, ke
 def _step_cases(model, batch: int, device: torch.device):
     from megatron_bd3.diffusion import noise_batch
     from megatron_bd3.model import BD3LossInputs, loss_func
+    from tools.bench.train_step_bench import causal_lm_logits
 
     config = model.config
     L = config.seq_length
@@ -269,7 +271,7 @@ def _step_cases(model, batch: int, device: torch.device):
 
     def ar_step() -> None:
         model.zero_grad(set_to_none=True)
-        logits = model.forward_inference(x_0, causal)  # [b, L, V]
+        logits = causal_lm_logits(model, x_0, causal).transpose(0, 1)  # [b, L, V]
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)), x_0[:, 1:].reshape(-1)
         )

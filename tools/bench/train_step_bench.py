@@ -42,14 +42,16 @@ own, peak RSS (ru_maxrss, imports included) after a few steps, and the RSS after
 FLOPs: counted per step from the shapes (what the kernels execute; see step_flops), compared
 with a measured 2048³ fp32 matmul rate on the same threads.
 
---without NAME ... switches speed-ups of megatron_bd3.model off in the worker processes (by
-replacing the method that implements each, here, for measurement only) to measure what each
-one buys; all four off is the model as it was before them:
-    block_attention  the training mask as SDPA with the dense mask in two calls
-    x_t_last_layer   the last layer computes the x_0 queries too
-    short_forward    megatron's SelfAttention.forward (its RoPE; implies x_t_last_layer)
-    masked_logits    all L x_t positions projected onto the vocabulary, megatron's
-                     vocab-parallel cross-entropy
+--without NAME ... switches speed-ups of megatron_bd3.model off in the worker processes (each is
+a BD3Config field, set to False in every case's config) to measure what each one buys; all four
+off is the model as it was before them:
+    block_attention  cpu_block_attention: the training mask as SDPA with the dense mask in two
+                     calls
+    x_t_last_layer   x_t_only_last_layer: the last layer computes the x_0 queries too
+    short_forward    short_self_attention_forward: megatron's SelfAttention.forward (its RoPE;
+                     implies x_t_last_layer)
+    masked_logits    masked_only_logits: all L x_t positions projected onto the vocabulary,
+                     megatron's vocab-parallel cross-entropy
 (MDLM on the two-stream input is the case mdlm2, --two-stream-mdlm.)
 """
 
@@ -119,57 +121,33 @@ def parse_case(name: str) -> Case:
     return Case(kind, L, B)
 
 
-ABLATIONS = ("block_attention", "x_t_last_layer", "short_forward", "masked_logits")
+# --without name -> the BD3Config switch it turns off (see the module docstring).
+ABLATIONS = {
+    "block_attention": "cpu_block_attention",
+    "x_t_last_layer": "x_t_only_last_layer",
+    "short_forward": "short_self_attention_forward",
+    "masked_logits": "masked_only_logits",
+}
 
 
-def _all_positions_token_nll(self, hidden_states, labels, masked):
-    """The loss path before the masked-only projection: logits for all L x_t positions, SUBS by
-    an out-of-place masked fill, megatron's vocab-parallel cross-entropy."""
-    import torch
-    from megatron.core import parallel_state, tensor_parallel
-
-    from megatron_bd3.model.bd3_model import SUBS_NEG_INF
-
-    logits = self._x_t_logits(hidden_states, self.config.seq_length)  # [L, b, V/tp]
-    vocab_local = logits.size(-1)
-    start = parallel_state.get_tensor_model_parallel_rank() * vocab_local
-    ids = torch.arange(start, start + vocab_local, device=logits.device)
-    blocked = (ids == self.config.mask_token_id) | (ids >= self.vocab_size)
-    logits = logits.float().masked_fill(blocked, SUBS_NEG_INF)
-    nll = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
-    return nll.transpose(0, 1)  # [b, L]
-
-
-def apply_ablations(names: list[str]) -> None:
-    """Switch the named speed-ups off in this process (see the module docstring)."""
-    from megatron.core.transformer.attention import SelfAttention
-
-    from megatron_bd3.model import block_attention
-    from megatron_bd3.model.bd3_model import BD3Model
-    from megatron_bd3.model.self_attention import BD3SelfAttention
-
-    for name in names:
-        if name == "block_attention":
-            block_attention.supports = lambda query: False
-        elif name == "x_t_last_layer":
-            BD3SelfAttention._x_t_rows_only = lambda self, mask, rows: None
-        elif name == "short_forward":
-            BD3SelfAttention.forward = SelfAttention.forward
-        elif name == "masked_logits":
-            BD3Model._masked_token_nll = _all_positions_token_nll
-        else:
-            raise ValueError(f"unknown ablation {name!r}; choose from {ABLATIONS}")
+def ablation_overrides(names: list[str]) -> dict[str, bool]:
+    """BD3Config overrides that switch the named speed-ups off."""
+    unknown = [name for name in names if name not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation {unknown[0]!r}; choose from {tuple(ABLATIONS)}")
+    return {ABLATIONS[name]: False for name in names}
 
 
 # -- building one case -------------------------------------------------------------------------
 
 
-def model_config(case: Case):
+def model_config(case: Case, without: list[str] = ()):
     from megatron_bd3.model import bd3_config, mdlm_config, reference_architecture
     from megatron_bd3.parallel import cpu_safe_config_overrides
 
     overrides = {**reference_architecture(dropout=DROPOUT), **cpu_safe_config_overrides()}
     overrides.update(attention_kernel="sdpa", ffn_hidden_size=FFN)
+    overrides.update(ablation_overrides(list(without)))
     size = dict(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
                 vocab_size=VOCAB, mask_token_id=MASK_ID, seq_length=case.seq_length)
     if case.kind == "mdlm":
@@ -180,19 +158,41 @@ def model_config(case: Case):
     return bd3_config(block_size=case.block_size, **size, **overrides)
 
 
+def causal_lm_logits(model, tokens, attention_mask=None):
+    """Logits [L, b, vocab_size] (TP = 1) of one causal pass over `tokens` [b, L] (positions
+    0 .. L-1) through a single-stage BD3Model's modules: the plain AR network the benches compare
+    BD3 with. The decoder gets `attention_mask` as the caller's own mask, by default
+    AttentionPattern.CAUSAL (SDPA with is_causal, no mask tensor; not a tensor, so no activation
+    recompute)."""
+    from megatron_bd3.model import AttentionPattern
+
+    if attention_mask is None:
+        attention_mask = AttentionPattern.CAUSAL
+    L = tokens.size(1)
+    hidden = model.embedding(input_ids=tokens, position_ids=None)  # [L, b, h]
+    rotary = model.rotary_pos_emb(L).to(tokens.device) if model.rotary_pos_emb else None
+    hidden = model.decoder(
+        hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary
+    )  # [L, b, h], final norm applied
+    weight = None
+    if model.share_embeddings_and_output_weights:
+        weight = model.shared_embedding_or_output_weight()
+    logits, _ = model.output_layer(hidden, weight=weight)  # [L, b, V_pad]
+    return logits[..., : model.vocab_size]  # a view; padded rows cut off
+
+
 def ar_forward_step(data_iterator, model):
     """Next-token cross-entropy of a causal pass over x_0 (L tokens): the plain AR step."""
     import torch
     import torch.nn.functional as F
 
-    from megatron_bd3.model import causal_attention_mask, loss_func
+    from megatron_bd3.model import loss_func
 
     x_0 = next(data_iterator)["x_0"]
     b, L = x_0.shape
-    logits = model.forward_inference(x_0, causal_attention_mask(L, x_0.device))  # [b, L, V]
-    # forward_inference's [b, L, V] is a transposed view of the output layer's [L, b, V]:
-    # take the cross-entropy in that order, so the logits are not copied.
-    logits = logits.transpose(0, 1)  # [L, b, V], contiguous
+    # [L, b, V] as the output layer returns it: take the cross-entropy in that order, so the
+    # logits are not copied.
+    logits = causal_lm_logits(model, x_0)
     # Position i predicts token i+1; the last position has no target (weight 0 below).
     targets = torch.cat([x_0[:, 1:], x_0[:, :1]], dim=1).t()  # [L, b]
     nll = F.cross_entropy(logits.reshape(L * b, -1), targets.reshape(-1), reduction="none")
@@ -235,7 +235,7 @@ class _TimedStepper:
 class Runner:
     """One case: model, DeepSpeed stepper, batches; `step()` runs and times one training step."""
 
-    def __init__(self, case: Case, seed: int = 0) -> None:
+    def __init__(self, case: Case, seed: int = 0, without: list[str] = ()) -> None:
         import torch
 
         from megatron_bd3.model import build_bd3_model, forward_step
@@ -248,7 +248,7 @@ class Runner:
         )
 
         self.case, self.seed = case, seed
-        self.config = model_config(case)
+        self.config = model_config(case, without)
         torch.manual_seed(seed)
         self.model = build_bd3_model(self.config)
         ds_config = resolve_deepspeed_config(
@@ -398,10 +398,9 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
     from tools.bench import common
 
     _init(args.threads)
-    apply_ablations(args.without)
     cases = [parse_case(name) for name in args.cases]
     peak_before = common.matmul_flops()
-    runners = [Runner(case) for case in cases]
+    runners = [Runner(case, without=args.without) for case in cases]
     for runner in runners:
         for _ in range(args.warmup):
             runner.step()
@@ -432,14 +431,13 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     from tools.bench import common
 
     _init(args.threads)
-    apply_ablations(args.without)
     import deepspeed  # noqa: F401  (everything a training process imports)
 
     import megatron_bd3.model  # noqa: F401
     import megatron_bd3.training.step  # noqa: F401
 
     imports_gib = common.peak_rss_gib()
-    runner = Runner(parse_case(args.cases[0]))
+    runner = Runner(parse_case(args.cases[0]), without=args.without)
     steps = [runner.step() for _ in range(args.steps)]
     return {
         "imports_rss_gib": imports_gib,
@@ -675,8 +673,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passes", type=int, default=2, help="timing processes")
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--no-memory", dest="memory", action="store_false")
-    parser.add_argument("--without", nargs="+", default=[], choices=ABLATIONS,
-                        help="switch these model speed-ups off (measurement only)")
+    parser.add_argument("--without", nargs="+", default=[], choices=tuple(ABLATIONS),
+                        help="switch these model speed-ups off (BD3Config fields set to False)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--json", default=str(REPO_ROOT / "runs/bench/train_step.json"))

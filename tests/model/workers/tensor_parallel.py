@@ -18,7 +18,14 @@ from megatron.core import parallel_state
 from megatron_bd3.diffusion import sampling_mask
 from megatron_bd3.model import BD3Config, BD3LossInputs, BD3Model, loss_func
 from megatron_bd3.parallel import ParallelConfig, destroy_parallel, initialize_parallel
-from tests.model.helpers import VOCAB_SIZE, random_batch, tiny_overrides, tp_partition_dim, tp_shard
+from tests.model.helpers import (
+    VOCAB_SIZE,
+    random_batch,
+    single_stream_logits,
+    tiny_overrides,
+    tp_partition_dim,
+    tp_shard,
+)
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 
@@ -43,9 +50,9 @@ def run(model: BD3Model, batch):
     loss.backward()
     with torch.no_grad():
         logits = model.forward_logits(batch["x_t"], batch["x_0"])
-        # Single-stream inference path (sampling/evaluation) under the same layout.
+        # A single-stream pass under a caller's own mask (what a sampler runs), same layout.
         window = torch.cat([batch["x_0"][:, :8], batch["x_t"][:, 8:12]], dim=1)
-        inference = model.forward_inference(window, sampling_mask(8, 4))
+        inference = single_stream_logits(model, window, sampling_mask(8, 4))
     return torch.cat([logits, inference], dim=1), loss.detach()
 
 

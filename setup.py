@@ -31,6 +31,9 @@ install_requires = [
 
 extras_require = {
     "dev": ["pytest==9.2.0", "ruff==0.17.6"],
+    # bd3-eval: the Hugging Face causal-LM scorer of generative perplexity (a local model
+    # directory, never a hub download) and plots. Neither pulls torch: the pin above stands.
+    "eval": ["transformers==5.25.0", "matplotlib==3.11.2"],
 }
 
 setup(

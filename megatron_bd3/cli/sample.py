@@ -52,6 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--parity-tolerance", type=float, default=None, metavar="T",
                       help="bound of the conversion's parity check, as bd3-convert --tolerance "
                            "(default: bd3-convert's)")
+    add_sampling_arguments(parser)
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer directory or file (default: found in MODEL_DIR; with "
+                             "--checkpoint, the run's)")
+    parser.add_argument("--output", type=Path, default=None, help="write samples as JSONL")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="network weights/activations (sampling math stays float64)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, no text output")
+    return parser
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every sampling setting of bd3-sample (count, length, block size, sampler, top-p, seeds,
+    prompt, stops, cache, batch size); bd3-eval adds the same ones. Read them back with
+    :func:`sampling_from_args`."""
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--length", type=int, default=None,
                         help="total tokens per sample, prompt included (default: the model's "
@@ -79,15 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="recompute the context at every call (slow; for comparison)")
     parser.add_argument("--window-refresh", action="store_true",
                         help="past seq_length, recompute the cached window when it slides")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="tokenizer directory or file (default: found in MODEL_DIR; with "
-                             "--checkpoint, the run's)")
-    parser.add_argument("--output", type=Path, default=None, help="write samples as JSONL")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="network weights/activations (sampling math stays float64)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar, no text output")
-    return parser
 
 
 def find_tokenizer(model_dir: Path, explicit: Path | None):
@@ -192,19 +199,19 @@ def _load_standalone(parser: argparse.ArgumentParser, model_dir: Path,
     return network, tokenizer
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _validate_inputs(parser, args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+def check_sample_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--num-samples and --batch-size are >= 1 (checked before any model is loaded)."""
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.checkpoint is not None:
-        network, tokenizer = _load_checkpoint(parser, args)
-    else:
-        network, tokenizer = _load_standalone(parser, args.model_dir, args)
+
+
+def sampling_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                       network: BD3Network, tokenizer) -> tuple[SamplerConfig, int, list[int]]:
+    """(sampler config, length, prompt ids) from the :func:`add_sampling_arguments` options,
+    checked against ``network``; bad values exit 2 through ``parser.error``. The prompt starts
+    with the model's BOS unless ``--no-bos``."""
+    check_sample_counts(parser, args)
     config = network.config
     length = args.length if args.length is not None else config.seq_length
 
@@ -233,8 +240,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     if sampler.block_size is not None and sampler.block_size != config.block_size:
-        print(f"bd3-sample: warning: sampling with block size {sampler.block_size}, the model "
-              f"was trained with {config.block_size}", file=sys.stderr)
+        print(f"{parser.prog}: warning: sampling with block size {sampler.block_size}, the "
+              f"model was trained with {config.block_size}", file=sys.stderr)
+    return sampler, length, prompt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _validate_inputs(parser, args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    check_sample_counts(parser, args)
+    if args.checkpoint is not None:
+        network, tokenizer = _load_checkpoint(parser, args)
+    else:
+        network, tokenizer = _load_standalone(parser, args.model_dir, args)
+    sampler, length, prompt = sampling_from_args(parser, args, network, tokenizer)
 
     progress = None
     if not args.quiet:

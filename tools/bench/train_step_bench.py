@@ -242,10 +242,10 @@ class Runner:
         from megatron_bd3.paths import shipped_config
         from megatron_bd3.training.batches import NoiseSettings
         from megatron_bd3.training.deepspeed_engine import (
-            build_deepspeed_engine,
             load_deepspeed_json,
             resolve_deepspeed_config,
         )
+        from megatron_bd3.training.parallelize import build_deepspeed_stepper
 
         self.case, self.seed = case, seed
         self.config = model_config(case, without)
@@ -258,7 +258,8 @@ class Runner:
             torch_adam=True,
         )
         self.clock = _Clock()
-        self.stepper = _TimedStepper(build_deepspeed_engine([self.model], ds_config), self.clock)
+        stepper = build_deepspeed_stepper([self.model], ds_config, model_config=self.config)
+        self.stepper = _TimedStepper(stepper, self.clock)
         inner = ar_forward_step if case.kind == "ar" else forward_step
         self.forward_step = self._timed(inner)
         self.seq_length = case.seq_length if case.kind == "ar" else self.config.stream_length
@@ -303,7 +304,7 @@ class Runner:
         clock.mark("noise_end")
         train_step(
             self.stepper, self.forward_step, [batch], lr=LR, seq_length=self.seq_length,
-            micro_batch_size=BATCH, model_config=self.config,
+            micro_batch_size=BATCH,
         )
         clock.mark("end")
         self.step_index += 1

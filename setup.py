@@ -56,6 +56,7 @@ setup(
             "bd3-train=megatron_bd3.cli.train:main",
             "bd3-convert=megatron_bd3.cli.convert:main",
             "bd3-sample=megatron_bd3.cli.sample:main",
+            "bd3-eval=megatron_bd3.cli.eval:main",
         ]
     },
 )

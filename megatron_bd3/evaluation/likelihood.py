@@ -61,6 +61,26 @@ def evaluate_likelihood(
     loss_model,
     dataset: EvalDataset,
     *,
+    global_batch_size: int,
+    seed: int,
+    **kwargs,
+) -> dict[str, Any]:
+    """NELBO bound of `dataset` (see the module docstring); the same dict on every rank.
+    Keyword arguments as `sequence_sums`."""
+    sums, tokens = sequence_sums(loss_model, dataset, global_batch_size=global_batch_size,
+                                 seed=seed, **kwargs)
+    if dist.is_initialized():  # each sequence is reported by exactly one rank
+        from megatron_bd3.parallel import all_reduce_host
+
+        all_reduce_host(sums)
+        all_reduce_host(tokens)
+    return summarize(dataset, sums, tokens, global_batch_size=global_batch_size, seed=seed)
+
+
+def sequence_sums(
+    loss_model,
+    dataset: EvalDataset,
+    *,
     noise: NoiseSettings,
     ignore_bos: bool,
     global_batch_size: int,
@@ -70,8 +90,9 @@ def evaluate_likelihood(
     dp_rank: int = 0,
     dp_size: int = 1,
     progress: bool = False,
-) -> dict[str, Any]:
-    """NELBO bound of `dataset` (see the module docstring); the same dict on every rank."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of s_ki [K, N] and c_i [N] (zeros for the sequences other ranks
+    report): summed over ranks they are the whole set's."""
     if samples < 1:
         raise EvalInputError(f"--nelbo-samples must be >= 1, got {samples}")
     check_batching(global_batch_size, micro_batch_size, dp_size)
@@ -112,12 +133,7 @@ def evaluate_likelihood(
                 bar.update(1)
     if bar is not None:
         bar.close()
-    if dist.is_initialized():  # each sequence is reported by exactly one rank
-        from megatron_bd3.parallel import all_reduce_host
-
-        all_reduce_host(sums)
-        all_reduce_host(tokens)
-    return summarize(dataset, sums, tokens, global_batch_size=global_batch_size, seed=seed)
+    return sums, tokens
 
 
 def summarize(dataset: EvalDataset, sums: torch.Tensor, tokens: torch.Tensor, *,

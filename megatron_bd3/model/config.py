@@ -90,6 +90,12 @@ class BD3Config(TransformerConfig):
     ignore_bos: bool = False
     """Position 0 is never masked and not counted in evaluation (reference bd3lm/mdlm configs)."""
 
+    antithetic_sampling: bool = True
+    """Stratify the per-block times t over the global batch (docs/method.md §2.2 item 2)."""
+
+    resample: bool = True
+    """Redraw a block's mask while its masked fraction leaves the clip range (§2.2 item 4)."""
+
     share_embeddings_and_output_weights: bool = False
     """Tie the input embedding and the output projection (the reference does not)."""
 

@@ -64,10 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+def add_sampling_arguments(parser, *, batch_size_flag: str = "--batch-size",
+                           seed_flag: str = "--seed") -> None:
     """Every sampling setting of bd3-sample (count, length, block size, sampler, top-p, seeds,
-    prompt, stops, cache, batch size); bd3-eval adds the same ones. Read them back with
-    :func:`sampling_from_args`."""
+    prompt, stops, cache, batch size) on a parser or argument group; bd3-eval adds the same ones
+    (renaming the batch size and seed flags its likelihood part already uses). Read them back
+    with :func:`sampling_from_args`."""
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--length", type=int, default=None,
                         help="total tokens per sample, prompt included (default: the model's "
@@ -80,13 +82,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ancestral sampler: diffusion steps per block")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus (paper: 0.9)")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    parser.add_argument(seed_flag, type=int, default=0, help="sample i uses seed + i")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default=None, help="prompt text (needs a tokenizer)")
     prompt.add_argument("--prompt-ids", default=None, help="prompt as comma-separated token ids")
     parser.add_argument("--no-bos", action="store_true",
                         help="do not start samples with the model's BOS token")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument(batch_size_flag, type=int, default=1, help="samples per sampler call")
     parser.add_argument("--stop-eos-count", type=int, default=None,
                         help="stop a sample after this many generated EOS tokens")
     parser.add_argument("--stop-on-low-entropy", action="store_true",

@@ -88,17 +88,8 @@ def open_source(path: str | Path, *, raw_weights: bool = False, tokenizer: str |
     return _open_checkpoint(path, raw_weights, tokenizer, ignore_bos)
 
 
-def _load_tokenizer(path: Path, what: str):
-    from megatron_bd3.data import load_tokenizer
-
-    try:
-        return load_tokenizer(path)
-    except (OSError, ValueError) as error:
-        raise EvalInputError(f"{what} {path}: {error}") from None
-
-
 def _open_standalone(path: Path, raw_weights: bool, tokenizer, ignore_bos) -> EvalSource:
-    from megatron_bd3.convert.output import TOKENIZER_METADATA
+    from megatron_bd3.cli.sample import find_tokenizer
 
     if raw_weights:
         raise EvalInputError(f"--raw-weights applies to trainer checkpoints; {path} is a "
@@ -107,11 +98,10 @@ def _open_standalone(path: Path, raw_weights: bool, tokenizer, ignore_bos) -> Ev
         config = NetworkConfig.load(path)
     except (OSError, ValueError) as error:
         raise EvalInputError(str(error)) from None
-    tok = None
-    if tokenizer is not None:
-        tok = _load_tokenizer(Path(tokenizer), "--tokenizer")
-    elif (path / TOKENIZER_METADATA).is_file():
-        tok = _load_tokenizer(path, "the model directory's tokenizer")
+    try:  # --tokenizer, else the directory's own (in it or in its tokenizer/), as bd3-sample
+        tok = find_tokenizer(path, Path(tokenizer) if tokenizer is not None else None)
+    except (OSError, ValueError) as error:
+        raise EvalInputError(f"the tokenizer of {path}: {error}") from None
     if tok is not None and (tok.vocab_size, tok.mask_id) != (config.vocab_size,
                                                               config.mask_token_id):
         raise EvalInputError(

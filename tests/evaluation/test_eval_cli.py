@@ -4,6 +4,7 @@ PP = 2 and for the converted standalone directory; evaluation sets and bad input
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -124,3 +125,24 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path):
     line = _one_error_line(_run_cli(str(ckpt), "--data", str(data),
                                     "--tensor-model-parallel-size", "3"))
     assert "not divisible by TP x PP" in line
+
+
+def test_generation_quality_with_our_ar_scorer(tmp_path):
+    from tests.evaluation.workers.models import ar_scorer_dir, corpus_tokenizer, sampler_model_dir
+
+    tokenizer = corpus_tokenizer()
+    sampler = sampler_model_dir(tmp_path / "bd3", tokenizer)
+    scorer = ar_scorer_dir(tmp_path / "ar", tokenizer)
+    out = tmp_path / "out"
+    assert eval_main([str(sampler), "--num-samples", "3", "--length", "24", "--sample-seed", "5",
+                      "--scorer", str(scorer), "--output", str(out), "--no-progress"]) == 0
+    generation = read(out)["generation"]
+    assert generation["num_samples"] == 3 and generation["length"] == 24
+    assert [s["seed"] for s in generation["samples"]] == [5, 6, 7]
+    assert generation["scorer"] is not None and math.isfinite(generation["gen_ppl"])
+    assert generation["gen_ppl"] == pytest.approx(
+        sum(s["gen_ppl"] for s in generation["samples"]) / 3)
+    assert (out / "generation.png").stat().st_size > 0
+    # the block-diffusion model is no AR scorer: refused in one line
+    line = _one_error_line(_run_cli(str(sampler), "--num-samples", "1", "--scorer", str(sampler)))
+    assert "has block_size 4" in line

@@ -62,6 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     bos.add_argument("--ignore-bos", dest="ignore_bos", action="store_true", default=None,
                      help="never mask or count position 0 (default: as the run trained)")
     bos.add_argument("--no-ignore-bos", dest="ignore_bos", action="store_false")
+    variance = parser.add_argument_group(
+        "gradient variance (paper eq. 10, docs/method.md §2.4) over minibatches of --batch-size "
+        "sequences of one --data set")
+    variance.add_argument("--grad-variance", action="store_true",
+                          help="measure it at the model's learned clip range (or --clip-ranges)")
+    variance.add_argument("--clip-ranges", nargs="+", default=None, metavar="LOW,HIGH",
+                          help="clip ranges to measure, e.g. 0.3,0.8 0.5,1 (a lower bound 0 is "
+                               "taken as 1e-3); implies --grad-variance")
+    variance.add_argument("--variance-sweep", action="store_true",
+                          help="paper Table 2: U[0,1], U[0,0.5], U[0.3,0.8], U[0.5,1] and the "
+                               "learned range; implies --grad-variance")
+    variance.add_argument("--variance-minibatches", type=int, default=16, metavar="M",
+                          help="minibatches M (default 16; M x --batch-size sequences are read)")
+    variance.add_argument("--variance-data", default=None, metavar="NAME",
+                          help="which --data set (default the first)")
     SourceOptions.add_arguments(parser.add_argument_group("raw input files"))
     return parser
 
@@ -127,6 +142,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     datasets = [open_dataset(text, seq_length=source.seq_length, tokenizer=source.tokenizer,
                              tokenizer_fingerprint=source.tokenizer_fingerprint,
                              source_options=options) for text in args.data]
+    from megatron_bd3.evaluation.variance import requested_clip_ranges
+
+    variance_ranges = requested_clip_ranges(args, source)  # refused here, before any work
     # the torch-only network, before any process group (a checkpoint converts in-process)
     network = source.standalone_network() if source.kind == "standalone" else None
 
@@ -169,6 +187,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             row["seconds"] = time.perf_counter() - start
             row["tokens_per_s"] = (row["tokens"] * args.nelbo_samples) / max(row["seconds"], 1e-9)
             results["likelihood"].append(row)
+        if variance_ranges:
+            from megatron_bd3.evaluation.variance import variance_for_cli
+
+            results["variance"] = variance_for_cli(
+                args, source, loss_model, noise, datasets, variance_ranges, info,
+                progress=rank0 and not args.no_progress)
     return results
 
 
@@ -179,10 +203,14 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
     out = args.output
     if results["likelihood"]:
         print(rep.likelihood_table(results["likelihood"]), flush=True)
+    if results.get("variance"):
+        print(rep.variance_table(results["variance"]), flush=True)
     path = rep.write_json(out / "eval.json", results)
     written = [str(path)]
     if not args.no_plots and results["likelihood"]:
         written.append(str(rep.plot_likelihood(results["likelihood"], out / "likelihood.png")))
+    if not args.no_plots and results.get("variance"):
+        written.append(str(rep.plot_variance(results["variance"], out / "variance.png")))
     print(f"bd3-eval: wrote {', '.join(written)}", file=sys.stderr, flush=True)
     if args.wandb != "disabled":
         logged = rep.log_wandb(results, mode=args.wandb, project=args.wandb_project,

@@ -31,6 +31,26 @@ def likelihood_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def variance_table(rows: list[dict[str, Any]]) -> str:
+    """One line per clip range: the shape of paper Table 2. The paper's NELBO column is the
+    perplexity of a model trained with each range; here one checkpoint's estimator is measured
+    under each range, so `loss` is its mean training loss under that range, not a bound."""
+    first = rows[0]
+    lines = [f"gradient variance (eq. 10) of one checkpoint's training loss per clip range; "
+             f"M = {first['minibatches']} minibatches of {first['batch_size']} sequences of "
+             f"{first['dataset']} (not models trained per range, as in the paper's Table 2)",
+             f"{'clip range':<16} {'loss':>9} {'NELBO var':>11} {'minibatch var':>13} "
+             f"{'grad var':>11} {'mean |g|^2':>11} {'M':>4}"]
+    for r in rows:
+        label = r["label"] + (" *" if r.get("learned") else "")
+        lines.append(f"{label:<16} {r['loss']:>9.4f} {r['loss_variance']:>11.4g} "
+                     f"{r['minibatch_loss_variance']:>13.4g} {r['grad_variance']:>11.4g} "
+                     f"{r['grad_sq_norm']:>11.4g} {r['minibatches']:>4}")
+    lines.append("NELBO var: per-(sequence, block) NELBO terms, the clip search's statistic; "
+                 "minibatch var: of the minibatch loss; * the model's learned range")
+    return "\n".join(lines)
+
+
 def write_json(path: Path, results: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

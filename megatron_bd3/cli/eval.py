@@ -78,7 +78,30 @@ def build_parser() -> argparse.ArgumentParser:
     variance.add_argument("--variance-data", default=None, metavar="NAME",
                           help="which --data set (default the first)")
     SourceOptions.add_arguments(parser.add_argument_group("raw input files"))
+    from megatron_bd3.cli.sample import add_sampling_arguments
+
+    generation = parser.add_argument_group(
+        "generation quality (the standalone sampler; every bd3-sample setting)")
+    add_sampling_arguments(generation, batch_size_flag="--sample-batch-size",
+                           seed_flag="--sample-seed")
+    parser.set_defaults(num_samples=0)  # no sampling unless --num-samples N
+    generation.add_argument("--scorer", type=Path, default=None, metavar="DIR",
+                            help="generative perplexity under this AR model: a standalone "
+                                 "directory of ours (preset ar) or a local Hugging Face "
+                                 "causal-LM directory (needs the [eval] extra); never downloaded")
     return parser
+
+
+class _Refuse:
+    """What bd3-sample's argument helpers call on bad values: one line, exit 2 (EvalInputError)."""
+
+    prog = "bd3-eval"
+
+    @staticmethod
+    def error(message: str):
+        from megatron_bd3.evaluation.source import EvalInputError
+
+        raise EvalInputError(message)
 
 
 def _fail(message: str) -> int:
@@ -91,7 +114,8 @@ def _quiet() -> None:
     import warnings
 
     for message in (".*Transformer Engine and Apex are not installed.*",
-                    ".*Apex is not installed.*", ".*tp_group is None.*"):
+                    ".*Apex is not installed.*", ".*tp_group is None.*",
+                    ".*deprecating ShardedTensor.*"):
         warnings.filterwarnings("ignore", message=message)
     for noisy in ("megatron", "DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -130,8 +154,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from megatron_bd3.training.batches import NoiseSettings
     from megatron_bd3.training.optimizer import detect_machine, resolve_precision
 
-    if not args.data:
-        raise EvalInputError("nothing to evaluate: give --data (likelihood)")
+    if not args.data and args.num_samples < 1:
+        raise EvalInputError("nothing to evaluate: give --data (likelihood, --grad-variance) "
+                             "or --num-samples N (generation)")
     source = open_source(args.model, raw_weights=args.raw_weights, tokenizer=args.tokenizer,
                          ignore_bos=args.ignore_bos)
     _check_layout(args, source)
@@ -146,7 +171,22 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     variance_ranges = requested_clip_ranges(args, source)  # refused here, before any work
     # the torch-only network, before any process group (a checkpoint converts in-process)
-    network = source.standalone_network() if source.kind == "standalone" else None
+    generating = args.num_samples > 0
+    network = (source.standalone_network()
+               if source.kind == "standalone" or generating else None)
+    sampling = scorer = None
+    if generating:
+        from megatron_bd3.cli.sample import sampling_from_args
+        from megatron_bd3.evaluation.scorers import ScorerError, load_scorer
+
+        sample_args = argparse.Namespace(**{**vars(args), "batch_size": args.sample_batch_size,
+                                            "seed": args.sample_seed})
+        sampling = sampling_from_args(_Refuse, sample_args, network, source.tokenizer)
+        if args.scorer is not None:
+            try:
+                scorer = load_scorer(args.scorer)
+            except ScorerError as error:
+                raise EvalInputError(str(error)) from None
 
     info = initialize_parallel(ParallelConfig(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -164,7 +204,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         print(f"bd3-eval: {source.describe()}; layout TP {info.tp_size} x PP {info.pp_size} x "
               f"DP {info.dp_size}", file=sys.stderr, flush=True)
     if datasets:
-        if network is not None:
+        if source.kind == "standalone":
             loss_model, noise = StandaloneLossModel(network), None
         else:
             machine = detect_machine()
@@ -193,7 +233,35 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             results["variance"] = variance_for_cli(
                 args, source, loss_model, noise, datasets, variance_ranges, info,
                 progress=rank0 and not args.no_progress)
+    if generating:
+        results["generation"] = _generate(args, source, network, sampling, scorer, info)
     return results
+
+
+def _generate(args, source, network, sampling, scorer, info) -> dict[str, Any] | None:
+    """Samples sharded over every rank (exactly once), gathered; scored on rank 0."""
+    from megatron_bd3.evaluation.generation import (
+        gather_samples,
+        generate_samples,
+        generation_report,
+    )
+
+    sampler_config, length, prompt = sampling
+    progress = info.rank == 0 and not args.no_progress
+    records = generate_samples(
+        network, source.tokenizer, sampler_config, num_samples=args.num_samples,
+        seed=args.sample_seed, rank=info.rank, world_size=info.world_size, length=length,
+        prompts=[prompt] if prompt else None, batch_size=args.sample_batch_size,
+        progress=progress)
+    samples = gather_samples(records, args.num_samples)
+    if info.rank != 0:
+        return None
+    report = generation_report(samples, scorer, max_length=length, progress=progress)
+    report["length"] = length
+    report["sampler"] = {"sampler": sampler_config.sampler, "top_p": sampler_config.top_p,
+                         "block_size": sampler_config.block_size or source.block_size,
+                         "steps": sampler_config.steps}
+    return report
 
 
 def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -205,10 +273,15 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
         print(rep.likelihood_table(results["likelihood"]), flush=True)
     if results.get("variance"):
         print(rep.variance_table(results["variance"]), flush=True)
+    if results.get("generation"):
+        print(rep.generation_table(results["generation"]), flush=True)
     path = rep.write_json(out / "eval.json", results)
     written = [str(path)]
     if not args.no_plots and results["likelihood"]:
         written.append(str(rep.plot_likelihood(results["likelihood"], out / "likelihood.png")))
+    if not args.no_plots and results.get("generation"):
+        written.append(str(rep.plot_generation(results["generation"]["samples"],
+                                               out / "generation.png")))
     if not args.no_plots and results.get("variance"):
         written.append(str(rep.plot_variance(results["variance"], out / "variance.png")))
     print(f"bd3-eval: wrote {', '.join(written)}", file=sys.stderr, flush=True)

@@ -51,6 +51,22 @@ def variance_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def generation_table(report: dict[str, Any]) -> str:
+    stops = ", ".join(f"{reason} {count}" for reason, count in report["stop_reasons"].items())
+    return "\n".join([
+        f"generation: {report['num_samples']} samples of {report['length']} tokens, scorer "
+        f"{report['scorer'] or 'none'}",
+        f"  gen PPL {_fmt(report['gen_ppl'], '.3f')} (mean of per-sample; token-weighted "
+        f"{_fmt(report['gen_ppl_token_weighted'], '.3f')}, {report['scored_tokens']} tokens"
+        f"{', %d samples unscored' % report['unscored_samples'] if report['unscored_samples'] else ''})",
+        f"  entropy {_fmt(report['entropy'], '.3f')} nats, NFE {_fmt(report['nfe'], '.1f')}, "
+        f"length {_fmt(report['num_tokens'], '.1f')} [{report['num_tokens_min']}, "
+        f"{report['num_tokens_max']}], stops: {stops}",
+        f"  {_fmt(report['tokens_per_second'], '.1f')} generated tokens/s "
+        f"({_fmt(report['generation_seconds'], '.1f')} s on the slowest rank)",
+    ])
+
+
 def write_json(path: Path, results: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

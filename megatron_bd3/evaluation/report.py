@@ -84,6 +84,14 @@ def _pyplot():
     return plt
 
 
+def _save(fig, ax, path: Path) -> Path:
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_likelihood(rows: list[dict[str, Any]], path: Path) -> Path:
     """Perplexity bound per dataset with its 95% interval (when K >= 2)."""
     plt = _pyplot()
@@ -96,11 +104,7 @@ def plot_likelihood(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
     ax.set_ylabel("perplexity bound (NELBO)")
     ax.set_title("NELBO perplexity, 95% interval over Monte-Carlo repeats")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_generation(samples: list[dict[str, Any]], path: Path) -> Path:
@@ -114,11 +118,7 @@ def plot_generation(samples: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("generative perplexity")
     ax.set_yscale("log")
     ax.set_title(f"{len(points)} samples")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_variance(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -132,11 +132,7 @@ def plot_variance(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xticks(list(x), labels, rotation=20, ha="right")
     ax.set_yscale("log")
     ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def log_wandb(results: dict[str, Any], *, mode: str, project: str, directory: Path) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from megatron_bd3.data.tokenizer import load_tokenizer
 from megatron_bd3.evaluation.generation import (
@@ -23,14 +22,6 @@ from tests.evaluation.workers.models import ar_scorer_dir, corpus_tokenizer, sam
 from tests.evaluation.workers.sample_settings import LENGTH, sampler_config
 
 WORKER = REPO_ROOT / "tests" / "evaluation" / "workers" / "sample_ranks.py"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

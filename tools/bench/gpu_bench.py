@@ -214,14 +214,21 @@ def _step(model, preset: str, batch: int, device: torch.device) -> Callable[[], 
     return bd3_step
 
 
-def step_flops(preset: str, L: int, block: int | None, batch: int, shape: dict[str, int]) -> float:
+def step_flops(model, preset: str, batch: int) -> float:
+    """Training matmul FLOPs of one step: megatron_bd3.training.flops for the BD3 / MDLM model
+    config; for the plain causal AR pass (L tokens, mask density (L + 1) / 2L, logits at all L
+    positions) the same per-layer terms, counted here (flops.py counts BD3Configs only)."""
     from megatron_bd3.training.flops import training_flops_per_sequence
 
-    return batch * training_flops_per_sequence(
-        preset=preset, num_layers=shape["num_layers"], hidden_size=shape["hidden_size"],
-        ffn_hidden_size=4 * shape["hidden_size"],
-        num_attention_heads=shape["num_attention_heads"], num_query_groups=None, seq_length=L,
-        block_size=block, vocab_size=shape["vocab_size"])
+    config = model.config
+    if preset != "ar":
+        return batch * training_flops_per_sequence(config)
+    h, f, t = config.hidden_size, config.ffn_hidden_size, config.seq_length
+    d_kv = (config.num_query_groups or config.num_attention_heads) * h // config.num_attention_heads
+    rho = (t + 1) / (2.0 * t)
+    per_layer = 2 * t * h * (h + 2 * d_kv) + 4 * t * t * h * rho + 2 * t * h * h + 4 * t * h * f
+    forward = config.num_layers * per_layer + 2 * t * h * config.vocab_size
+    return batch * 3.0 * forward
 
 
 def profile_step(step: Callable[[], None], device: torch.device) -> list[str]:
@@ -254,7 +261,7 @@ def bench_steps(device: torch.device, cases: list[tuple], batch: int, shape: dic
         first_s = time.perf_counter() - compile_start
         reset_peak(device)
         seconds = time_call(step, device, warmup, repeats)
-        flops = step_flops(preset, L, block if preset == "bd3" else None, batch, shape)
+        flops = step_flops(model, preset, batch)
         row = dict(case=name, preset=preset, L=L, block_size=block, kernel=kernel, batch=batch,
                    step_ms=seconds * 1e3, first_call_s=first_s, tflop_per_step=flops / 1e12,
                    mfu=flops / seconds / peak_flops, peak_gib=peak_gib(device),

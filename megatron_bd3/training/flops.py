@@ -37,21 +37,41 @@ def attention_density(config) -> float:
     return 0.25 + config.block_size / (4.0 * config.seq_length)
 
 
+def matmul_flops(
+    *,
+    num_layers: int,
+    hidden_size: int,
+    ffn_hidden_size: int,
+    num_attention_heads: int,
+    num_query_groups: int | None,
+    vocab_size: int,
+    stream_length: int,
+    density: float,
+    logit_positions: int,
+) -> float:
+    """Forward matmul FLOPs of one sequence of `stream_length` tokens per layer under a mask of
+    `density`, with logits at `logit_positions` positions (the module docstring's terms)."""
+    h, f, t = hidden_size, ffn_hidden_size, stream_length
+    d_kv = (num_query_groups or num_attention_heads) * (h // num_attention_heads)
+    per_layer = (
+        2 * t * h * (h + 2 * d_kv) + 2 * 2 * t * t * h * density + 2 * t * h * h
+        + 2 * 2 * t * h * f
+    )
+    return float(num_layers * per_layer + 2 * logit_positions * h * vocab_size)
+
+
 def forward_flops_per_sequence(config) -> float:
     """Forward matmul FLOPs of one sequence for a model config (a BD3Config; see the module
     docstring). The stream length and the mask follow from the config itself: 2L for every
     two-stream model (AR is B = 1, MDLM with single_stream_mdlm=False is B = L), L for the
-    single-stream MDLM."""
-    h, f, v = config.hidden_size, config.ffn_hidden_size, config.vocab_size
-    head_dim = h // config.num_attention_heads
-    d_kv = (config.num_query_groups or config.num_attention_heads) * head_dim
-    t = config.stream_length
-    rho = attention_density(config)
-    per_layer = (
-        2 * t * h * (h + 2 * d_kv) + 2 * 2 * t * t * h * rho + 2 * t * h * h + 2 * 2 * t * h * f
+    single-stream MDLM; logits only for the L noisy positions."""
+    return matmul_flops(
+        num_layers=config.num_layers, hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size, num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_query_groups, vocab_size=config.vocab_size,
+        stream_length=config.stream_length, density=attention_density(config),
+        logit_positions=config.seq_length,
     )
-    logits = 2 * config.seq_length * h * v
-    return float(config.num_layers * per_layer + logits)
 
 
 def training_flops_per_sequence(config) -> float:

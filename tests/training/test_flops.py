@@ -58,3 +58,17 @@ def test_forward_flops_from_matmul_shapes():
                      num_attention_heads=heads, vocab_size=V, mask_token_id=V - 1)
     )
     assert got == pytest.approx(expected)
+
+
+def test_plain_causal_pass_counted_from_the_causal_mask():
+    """The benches' causal AR baseline: L tokens, density counted from k <= q, logits at all L."""
+    from megatron_bd3.training.flops import matmul_flops
+
+    L, h, f, heads, V, layers = 10, 32, 128, 4, 100, 2
+    causal = sum(1 for q in range(L) for k in range(L) if k <= q)
+    dense = sum(2 * m * k * n for m, k, n in [(L, h, 3 * h), (L, h, h), (L, h, f), (L, f, h)])
+    expected = layers * (dense + 2 * 2 * h * causal) + 2 * L * h * V
+    assert matmul_flops(num_layers=layers, hidden_size=h, ffn_hidden_size=f,
+                        num_attention_heads=heads, num_query_groups=None, vocab_size=V,
+                        stream_length=L, density=(L + 1) / (2 * L),
+                        logit_positions=L) == pytest.approx(expected)

@@ -215,20 +215,20 @@ def _step(model, preset: str, batch: int, device: torch.device) -> Callable[[], 
 
 
 def step_flops(model, preset: str, batch: int) -> float:
-    """Training matmul FLOPs of one step: megatron_bd3.training.flops for the BD3 / MDLM model
-    config; for the plain causal AR pass (L tokens, mask density (L + 1) / 2L, logits at all L
-    positions) the same per-layer terms, counted here (flops.py counts BD3Configs only)."""
-    from megatron_bd3.training.flops import training_flops_per_sequence
+    """Training matmul FLOPs of one step (3 x forward): megatron_bd3.training.flops for the BD3 /
+    MDLM model config; the plain causal AR pass (L tokens, mask density (L + 1) / 2L, logits at
+    all L positions) through the same per-layer terms (flops.matmul_flops)."""
+    from megatron_bd3.training.flops import matmul_flops, training_flops_per_sequence
 
     config = model.config
     if preset != "ar":
         return batch * training_flops_per_sequence(config)
-    h, f, t = config.hidden_size, config.ffn_hidden_size, config.seq_length
-    d_kv = (config.num_query_groups or config.num_attention_heads) * h // config.num_attention_heads
-    rho = (t + 1) / (2.0 * t)
-    per_layer = 2 * t * h * (h + 2 * d_kv) + 4 * t * t * h * rho + 2 * t * h * h + 4 * t * h * f
-    forward = config.num_layers * per_layer + 2 * t * h * config.vocab_size
-    return batch * 3.0 * forward
+    t = config.seq_length
+    return batch * 3.0 * matmul_flops(
+        num_layers=config.num_layers, hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size, num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_query_groups, vocab_size=config.vocab_size,
+        stream_length=t, density=(t + 1) / (2.0 * t), logit_positions=t)
 
 
 def profile_step(step: Callable[[], None], device: torch.device) -> list[str]:

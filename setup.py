@@ -27,6 +27,8 @@ install_requires = [
     # Input formats of the data tools: parquet files and Hugging Face tokenizer JSON files.
     "pyarrow==26.0.1",
     "tokenizers==0.23.3",
+    # MediaWiki XML input (Wikipedia dumps): wikitext markup -> plain text.
+    "mwparserfromhell==0.7.2",
 ]
 
 extras_require = {

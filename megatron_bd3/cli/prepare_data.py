@@ -5,12 +5,14 @@
     bd3-prepare-data --input default --tokenizer runs/tok-demo --output runs/data-demo \
         --seq-length 128
     bd3-prepare-data --input 'dump/*.jsonl.gz' --text-field content --tokenizer runs/tok ...
+    bd3-prepare-data --input wikipedia --val-fraction 0.05 --test-fraction 0.05 ...
     bd3-prepare-data --verify runs/data          # re-check every shard against the manifest
 
-Documents are split into train/validation by a keyed hash of their text (--val-fraction,
---split-seed), concatenated with EOS after each (--no-doc-eos turns it off), cut into sequences of
-exactly --seq-length tokens (--insert-special: each gets BOS + L-2 tokens + EOS), and written as
-deterministic tar shards plus manifest.json. See docs/data.md.
+Documents are split into train/validation/test by a keyed hash of their text (--val-fraction,
+--test-fraction, default 0: no test split; --split-seed), concatenated with EOS after each
+(--no-doc-eos turns it off), cut into sequences of exactly --seq-length tokens (--insert-special:
+each gets BOS + L-2 tokens + EOS), and written as deterministic tar shards plus manifest.json.
+See docs/data.md.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bd3-prepare-data",
         description=__doc__.split("\n\n")[0],
-        epilog="--input default is the embedded Lee news corpus (300 documents). See docs/data.md.",
+        epilog="--input default is the embedded Lee news corpus (300 documents), --input wikipedia "
+        "the shortened Wikipedia dump in gensim's test data (106 articles). See docs/data.md.",
     )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument(
@@ -57,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     layout = parser.add_argument_group("sequences and shards")
     layout.add_argument("--val-fraction", type=float, default=0.05, help="share of documents")
+    layout.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.0,
+        help="share of documents in a test split (default 0: no test split), taken from train",
+    )
     layout.add_argument("--split-seed", type=int, default=0, help="key of the split hash")
     layout.add_argument(
         "--insert-special",
@@ -123,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seq_length=args.seq_length,
             samples_per_shard=args.samples_per_shard,
             val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
             split_seed=args.split_seed,
             insert_eos=not args.no_doc_eos,
             insert_special=args.insert_special,

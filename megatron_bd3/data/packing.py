@@ -1,4 +1,4 @@
-"""Documents -> fixed-length training sequences, and the train/validation split by document.
+"""Documents -> fixed-length training sequences, and the train/validation/test split by document.
 
 BD3-LM trains on sequences of exactly L tokens (the [x_t ; x_0] attention mask has a fixed size
 2L): documents are concatenated with EOS after each one and the stream is cut into pieces, with no
@@ -20,24 +20,36 @@ import numpy as np
 
 TRAIN = "train"
 VALIDATION = "validation"
-SPLITS = (TRAIN, VALIDATION)
+TEST = "test"
+SPLITS = (TRAIN, VALIDATION, TEST)
 
 
-def document_split(text: str, val_fraction: float, split_seed: int) -> str:
-    """The split of a document: `validation` with probability `val_fraction`, by a keyed hash.
+def document_split(
+    text: str, val_fraction: float, split_seed: int, test_fraction: float = 0.0
+) -> str:
+    """The split of a document: `validation` with probability `val_fraction`, `test` with
+    probability `test_fraction`, `train` otherwise, by a keyed hash.
 
     The decision depends only on the document's text and the seed — not on its position, the
     input order or the number of worker processes — so it is reproducible, and identical copies of
-    a document always land in the same split (no train/validation leakage through duplicates).
+    a document always land in the same split (no leakage between splits through duplicates). The
+    hash value h in [0, 1) picks validation for h < val_fraction and test for the next
+    test_fraction: a test split is carved out of train only, and the validation documents are the
+    same with or without one.
     """
-    if val_fraction <= 0.0:
+    if val_fraction <= 0.0 and test_fraction <= 0.0:
         return TRAIN
     if val_fraction >= 1.0:
         return VALIDATION
     digest = hashlib.blake2b(
         text.encode("utf-8"), digest_size=8, key=int(split_seed).to_bytes(8, "little")
     ).digest()
-    return VALIDATION if int.from_bytes(digest, "little") < val_fraction * 2.0**64 else TRAIN
+    value = int.from_bytes(digest, "little")
+    if value < val_fraction * 2.0**64:
+        return VALIDATION
+    if value < (val_fraction + test_fraction) * 2.0**64:
+        return TEST
+    return TRAIN
 
 
 class SequencePacker:

@@ -12,15 +12,23 @@ Formats (chosen by extension with `format="auto"`):
   jsonl    .jsonl / .jsonl.gz / .json.gz: one JSON object per line, the text under `text_field`;
            blank lines are ignored.
   parquet  .parquet: the string (or binary UTF-8) column `text_field`; null counts as empty.
-The name "default" stands for the embedded default corpus (`corpus.default_corpus_documents`).
+  mediawiki  .xml / .xml.bz2 (and Wikipedia's `...xml-p<first>p<last>.bz2` chunks): a MediaWiki
+           XML export, plain or bz2; one document per article (a page of namespace 0 that is not
+           a redirect), its wikitext stripped to plain text (mediawiki.py).
+The name "default" stands for the embedded default corpus (`corpus.default_corpus_documents`),
+"wikipedia" for the Wikipedia dump in gensim's test data (`mediawiki.wikipedia_dump_path`).
 
 What is skipped, always counted in `SkipCounts` (and so in the manifest), never silently:
   - empty documents (empty or whitespace-only text) and empty files (no bytes, or only
     whitespace): recoverable, logged;
   - invalid UTF-8 lines (text) / records (jsonl, parquet binary): an error naming the file, line
-    and byte offset with `on_bad_utf8="error"` (default), a counted skip with "skip".
+    and byte offset with `on_bad_utf8="error"` (default), a counted skip with "skip" (mediawiki:
+    always an error, as the XML parser rejects the file);
+  - mediawiki pages that are not articles: redirects, and pages of other namespaces (talk, user,
+    project, template, ...; a redirect there counts as another namespace); an article with no
+    text left once its markup is stripped counts as an empty document.
 Anything else that is wrong (missing field or column, invalid JSON, a non-string value, a corrupt
-gzip or parquet file, a pattern that matches nothing) is an error naming the file.
+gzip, bz2, parquet or XML file, a pattern that matches nothing) is an error naming the file.
 """
 
 from __future__ import annotations
@@ -37,10 +45,21 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from megatron_bd3.data.corpus import DEFAULT_CORPUS_NAME, default_corpus_documents
+from megatron_bd3.data.mediawiki import (
+    MAIN_NAMESPACE,
+    WIKIPEDIA_CORPUS_NAME,
+    MediaWikiError,
+    article_text,
+    is_mediawiki_path,
+    iter_pages,
+    wikipedia_dump_path,
+)
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", "text", "jsonl", "parquet")
+FORMATS = ("auto", "text", "jsonl", "parquet", "mediawiki")
+NAMED_CORPORA = (DEFAULT_CORPUS_NAME, WIKIPEDIA_CORPUS_NAME)
+"""Input names that stand for a corpus shipped with a dependency, not for a path."""
 TEXT_MODES = ("paragraph", "line", "file")
 BAD_UTF8_POLICIES = ("error", "skip")
 
@@ -57,6 +76,8 @@ class SkipCounts:
     empty_files: int = 0
     bad_utf8_lines: int = 0
     bad_utf8_records: int = 0
+    redirects: int = 0
+    other_namespaces: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -133,7 +154,8 @@ class InputRecord:
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Expand globs, each pattern's matches sorted, first occurrence kept; "default" passes through.
+    """Expand globs, each pattern's matches sorted, first occurrence kept; the names of
+    `NAMED_CORPORA` ("default", "wikipedia") pass through.
 
     The order of documents (hence of samples) follows this list, so it must not depend on the
     file system's listing order.
@@ -142,8 +164,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
         raise InputError("no input given; pass --input PATH_OR_GLOB (or --input default)")
     result: list[str] = []
     for pattern in patterns:
-        if pattern == DEFAULT_CORPUS_NAME:
-            matches = [DEFAULT_CORPUS_NAME]
+        if pattern in NAMED_CORPORA:
+            matches = [pattern]
         elif glob.has_magic(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not matches:
@@ -159,8 +181,10 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
 
 
 def detect_format(path: str) -> str:
-    """'jsonl' / 'parquet' by extension, 'text' otherwise."""
+    """'jsonl' / 'parquet' / 'mediawiki' by extension, 'text' otherwise."""
     name = path.lower()
+    if is_mediawiki_path(path):
+        return "mediawiki"
     if name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
         return "jsonl"
     if name.endswith(".parquet"):
@@ -175,8 +199,15 @@ def iter_documents(path: str, options: SourceOptions, record: InputRecord) -> It
             record.documents += 1
             yield document
         return
-    fmt = detect_format(path) if options.format == "auto" else options.format
-    if fmt == "jsonl":
+    if path == WIKIPEDIA_CORPUS_NAME:
+        fmt = "mediawiki"
+        source = str(wikipedia_dump_path())
+    else:
+        fmt = detect_format(path) if options.format == "auto" else options.format
+        source = path
+    if fmt == "mediawiki":
+        reader = _mediawiki_documents(source, record)
+    elif fmt == "jsonl":
         reader = _jsonl_documents(path, options, record)
     elif fmt == "parquet":
         reader = _parquet_documents(path, options, record)
@@ -194,6 +225,12 @@ def open_input(path: str, options: SourceOptions) -> InputRecord:
     """An empty provenance record for `path` (format resolved, size read)."""
     if path == DEFAULT_CORPUS_NAME:
         return InputRecord(path=path, format="default", bytes=0)
+    if path == WIKIPEDIA_CORPUS_NAME:
+        try:
+            size = os.path.getsize(wikipedia_dump_path())
+        except FileNotFoundError as exc:
+            raise InputError(str(exc)) from None
+        return InputRecord(path=path, format="mediawiki", bytes=size)
     fmt = detect_format(path) if options.format == "auto" else options.format
     return InputRecord(path=path, format=fmt, bytes=os.path.getsize(path))
 
@@ -353,6 +390,30 @@ def _jsonl_documents(path: str, options: SourceOptions, record: InputRecord) -> 
         logger.warning("%s: empty file (no records), skipped", path)
 
 
+# ------------------------------------------------------------------ mediawiki
+def _mediawiki_documents(path: str, record: InputRecord) -> Iterator[str]:
+    """Article texts; "" for an article whose text is all markup (counted by the caller)."""
+    if os.path.getsize(path) == 0:
+        record.skipped.empty_files += 1
+        logger.warning("%s: empty file (no bytes), skipped", path)
+        return
+    saw_page = False
+    try:
+        for page in iter_pages(path):
+            saw_page = True
+            if page.namespace != MAIN_NAMESPACE:
+                record.skipped.other_namespaces += 1
+            elif page.is_redirect:
+                record.skipped.redirects += 1
+            else:
+                yield article_text(page.text)
+    except MediaWikiError as exc:
+        raise InputError(str(exc)) from None
+    if not saw_page:
+        record.skipped.empty_files += 1
+        logger.warning("%s: MediaWiki export without pages, skipped", path)
+
+
 # ------------------------------------------------------------------ parquet
 def _parquet_documents(path: str, options: SourceOptions, record: InputRecord) -> Iterator[str]:
     import pyarrow as pa
@@ -406,5 +467,5 @@ def _parquet_documents(path: str, options: SourceOptions, record: InputRecord) -
 
 def describe_inputs(paths: Sequence[str]) -> str:
     """Short form of an input list for log lines."""
-    names = [Path(p).name if p != DEFAULT_CORPUS_NAME else p for p in paths]
+    names = [p if p in NAMED_CORPORA else Path(p).name for p in paths]
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

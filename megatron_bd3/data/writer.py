@@ -2,7 +2,7 @@
 
 Pipeline: documents are read in input order (sources.py), tokenized in worker processes in
 batches whose results are consumed in submission order (so the output never depends on the number
-of workers or on scheduling), assigned to train/validation by a keyed hash of their text
+of workers or on scheduling), assigned to train/validation/test by a keyed hash of their text
 (packing.document_split), packed per split into sequences of exactly L tokens
 (packing.SequencePacker) and written as deterministic webdataset tar shards (shards.py), then the
 manifest is written last (manifest.py). Same inputs + tokenizer + options => byte-identical shards
@@ -29,7 +29,14 @@ from megatron_bd3.data.manifest import (
     MANIFEST_VERSION,
     write_manifest,
 )
-from megatron_bd3.data.packing import SPLITS, TRAIN, VALIDATION, SequencePacker, document_split
+from megatron_bd3.data.packing import (
+    SPLITS,
+    TEST,
+    TRAIN,
+    VALIDATION,
+    SequencePacker,
+    document_split,
+)
 from megatron_bd3.data.shards import (
     KEY_DIGITS,
     SAMPLE_EXTENSION,
@@ -57,6 +64,7 @@ class PrepareOptions:
     samples_per_shard: int = 4096
     val_fraction: float = 0.05
     split_seed: int = 0
+    test_fraction: float = 0.0
     insert_eos: bool = True
     insert_special: bool = False
     dtype: str = "auto"
@@ -68,6 +76,11 @@ class PrepareOptions:
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction {self.val_fraction} must be in [0, 1)")
+        if not 0.0 <= self.test_fraction < 1.0 - self.val_fraction:
+            raise ValueError(
+                f"test_fraction {self.test_fraction} must be in [0, 1 - val_fraction) = "
+                f"[0, {1.0 - self.val_fraction:g}): the train split needs documents"
+            )
         if self.split_seed < 0:
             raise ValueError(f"split_seed {self.split_seed} must be >= 0")
         if self.workers < 1:
@@ -83,6 +96,7 @@ class PrepareOptions:
         return {
             "samples_per_shard": self.samples_per_shard,
             "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
             "split_seed": self.split_seed,
             "insert_eos": self.insert_eos,
             "insert_special": self.insert_special,
@@ -103,13 +117,16 @@ def _init_worker(tokenizer_path: str, in_pool: bool = False) -> None:
 
 
 def _tokenize_batch(
-    texts: list[str], val_fraction: float, split_seed: int
+    texts: list[str], val_fraction: float, split_seed: int, test_fraction: float
 ) -> list[tuple[str, np.ndarray]]:
     """(split, token ids as uint32) per document, in order."""
     assert _WORKER_TOKENIZER is not None
     encoded = _WORKER_TOKENIZER.encode_batch(texts)
     return [
-        (document_split(text, val_fraction, split_seed), np.asarray(ids, dtype=np.uint32))
+        (
+            document_split(text, val_fraction, split_seed, test_fraction),
+            np.asarray(ids, dtype=np.uint32),
+        )
         for text, ids in zip(texts, encoded, strict=True)
     ]
 
@@ -129,7 +146,7 @@ def _tokenized(
     batches: Iterable[list[str]], tokenizer_path: str, options: PrepareOptions
 ) -> Iterator[list[tuple[str, np.ndarray]]]:
     """Tokenize batches, in parallel when workers > 1, yielding results in submission order."""
-    args = (options.val_fraction, options.split_seed)
+    args = (options.val_fraction, options.split_seed, options.test_fraction)
     if options.workers == 1:
         _init_worker(tokenizer_path)
         for batch in batches:
@@ -234,7 +251,9 @@ def prepare_shards(
     warnings: list[str] = []
     for split in SPLITS:
         packer, writer = packers[split], writers[split]
-        if split == VALIDATION and options.val_fraction == 0.0:
+        if (split == VALIDATION and options.val_fraction == 0.0) or (
+            split == TEST and options.test_fraction == 0.0
+        ):
             continue
         splits[split] = {
             "documents": packer.documents,
@@ -264,12 +283,13 @@ def prepare_shards(
             f"the train split has {packers[TRAIN].document_tokens} tokens, fewer than one sequence "
             f"of seq_length {options.seq_length}; give more text or a smaller --seq-length"
         )
-    if VALIDATION in splits and splits[VALIDATION]["sequences"] == 0:
-        warnings.append(
-            f"validation: {packers[VALIDATION].documents} documents, "
-            f"{packers[VALIDATION].document_tokens} tokens: fewer than one sequence of "
-            f"{options.seq_length}; raise --val-fraction for a usable validation split"
-        )
+    for split, flag in ((VALIDATION, "--val-fraction"), (TEST, "--test-fraction")):
+        if split in splits and splits[split]["sequences"] == 0:
+            warnings.append(
+                f"{split}: {packers[split].documents} documents, "
+                f"{packers[split].document_tokens} tokens: fewer than one sequence of "
+                f"{options.seq_length}; raise {flag} for a usable {split} split"
+            )
     for warning in warnings:
         logger.warning(warning)
 

@@ -219,6 +219,8 @@ def test_skips_are_recorded_in_the_manifest(tmp_path, tokenizer_dir, small_corpu
         "empty_files": 1,
         "bad_utf8_lines": 1,
         "bad_utf8_records": 0,
+        "redirects": 0,
+        "other_namespaces": 0,
     }
     assert [i["documents"] for i in manifest["inputs"]] == [5, 0, 60]
     assert manifest["inputs"][2]["skipped"]["empty_documents"] == 59

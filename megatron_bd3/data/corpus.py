@@ -19,29 +19,31 @@ DEFAULT_CORPUS_NAME = "default"
 _RELATIVE_PATH = ("test", "test_data", "lee_background.cor")
 
 
-def default_corpus_path() -> Path:
-    """Path of the Lee background corpus inside the installed gensim package.
-
-    Raises FileNotFoundError naming what was looked for when gensim (or its test data) is missing.
-    """
+def gensim_test_data(relative: tuple[str, ...], corpus: str) -> Path:
+    """A file shipped in the installed gensim package's test data, found without importing
+    gensim. Raises FileNotFoundError naming `corpus` and what was looked for when gensim (or the
+    file) is missing."""
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the default corpus ships inside the 'gensim' package (gensim==4.4.0, a dependency of "
+            f"the {corpus} ships inside the 'gensim' package (gensim==4.4.0, a dependency of "
             "megatron_bd3), which is not installed in this environment; install it with "
             "`pip install gensim==4.4.0` or pass your own text with --input"
         )
     for root in spec.submodule_search_locations:
-        candidate = Path(root).joinpath(*_RELATIVE_PATH)
+        candidate = Path(root).joinpath(*relative)
         if candidate.is_file():
             return candidate
-    searched = ", ".join(
-        str(Path(r).joinpath(*_RELATIVE_PATH)) for r in spec.submodule_search_locations
-    )
+    searched = ", ".join(str(Path(r).joinpath(*relative)) for r in spec.submodule_search_locations)
     raise FileNotFoundError(
-        f"the default corpus file lee_background.cor is missing from the installed gensim "
-        f"(looked at {searched}); reinstall gensim==4.4.0 from its wheel or pass --input"
+        f"the {corpus} file {relative[-1]} is missing from the installed gensim (looked at "
+        f"{searched}); reinstall gensim==4.4.0 from its wheel or pass --input"
     )
+
+
+def default_corpus_path() -> Path:
+    """Path of the Lee background corpus inside the installed gensim package."""
+    return gensim_test_data(_RELATIVE_PATH, "default corpus")
 
 
 def default_corpus_documents() -> Iterator[str]:

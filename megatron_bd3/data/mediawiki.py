@@ -26,7 +26,6 @@ project-namespace page; 1.7 MB compressed, 0.45M words of plain text). Like the 
 from __future__ import annotations
 
 import bz2
-import importlib.util
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,28 +74,10 @@ def is_mediawiki_path(path: str) -> bool:
 
 
 def wikipedia_dump_path() -> Path:
-    """Path of the shortened Wikipedia dump inside the installed gensim package.
+    """Path of the shortened Wikipedia dump inside the installed gensim package."""
+    from megatron_bd3.data.corpus import gensim_test_data
 
-    Raises FileNotFoundError naming what was looked for when gensim (or its test data) is missing.
-    """
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the '{WIKIPEDIA_CORPUS_NAME}' corpus ships inside the 'gensim' package "
-            f"(gensim==4.4.0, a dependency of megatron_bd3), which is not installed in this "
-            f"environment; install it with `pip install gensim==4.4.0` or pass a dump with --input"
-        )
-    for root in spec.submodule_search_locations:
-        candidate = Path(root).joinpath(*_DUMP_RELATIVE_PATH)
-        if candidate.is_file():
-            return candidate
-    searched = ", ".join(
-        str(Path(r).joinpath(*_DUMP_RELATIVE_PATH)) for r in spec.submodule_search_locations
-    )
-    raise FileNotFoundError(
-        f"the Wikipedia dump {WIKIPEDIA_DUMP_FILE} is missing from the installed gensim (looked "
-        f"at {searched}); reinstall gensim==4.4.0 from its wheel or pass a dump with --input"
-    )
+    return gensim_test_data(_DUMP_RELATIVE_PATH, f"'{WIKIPEDIA_CORPUS_NAME}' corpus")
 
 
 # ------------------------------------------------------------------ reading pages

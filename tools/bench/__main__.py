@@ -10,6 +10,8 @@ Parts:
     sampler  tools/bench/sampler_bench.py (standalone sampler, KV cache vs none)
     data     tools/bench/data_bench.py (shard preparation and loader throughput)
     model    tools/bench/model_bench.py (core attention kernels, BD3 vs AR step)
+    eval     tools/bench/eval_bench.py (bd3-eval NELBO tokens/s and generation samples/s, 1 and 2
+             processes; ~5 min on 2 cores; docs/bench/evaluation.md)
 Each part runs in its own process; arguments after `--` go to the selected part (one part only).
 Results: runs/bench/bench.json (what each part wrote or printed, with the machine and load).
 """
@@ -27,7 +29,7 @@ from pathlib import Path
 from tools.bench import common
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("train", "sampler", "data", "model")
+PARTS = ("train", "sampler", "data", "model", "eval")
 
 
 def _run(module: str, args: list[str]) -> dict:
@@ -77,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         elif part == "sampler":
             json_path = out / "sampler.json"
             result = _run("tools.bench.sampler_bench", [*extra, "--json", str(json_path)])
+        elif part == "eval":
+            json_path = out / "eval_bench.json"
+            result = _run("tools.bench.eval_bench", [*extra, "--json", str(json_path)])
         elif part == "data":
             json_path = None
             result = _run("tools.bench.data_bench", extra)

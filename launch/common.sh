@@ -2,8 +2,16 @@
 # interpreter, GPU count and the environment defaults of every launcher. Nothing here changes
 # directory: the config path and every relative path in it (data, outputs) are taken from the
 # directory the launcher is run in.
+# The command launched on every process: bd3-train (default), or bd3-eval with BD3_COMMAND=eval.
+BD3_COMMAND="${BD3_COMMAND:-train}"
+case "${BD3_COMMAND}" in
+    train) usage="$0 CONFIG.yaml [section.key=value ...] [--resume auto|none|DIR]" ;;
+    eval) usage="BD3_COMMAND=eval $0 MODEL --data ... [bd3-eval options]" ;;
+    *) echo "$0: BD3_COMMAND must be train or eval, got '${BD3_COMMAND}'" >&2; exit 2 ;;
+esac
+BD3_MODULE="megatron_bd3.cli.${BD3_COMMAND}"
 if [[ $# -lt 1 ]]; then
-    echo "usage: $0 CONFIG.yaml [section.key=value ...] [--resume auto|none|DIR]" >&2
+    echo "usage: ${usage}" >&2
     exit 2
 fi
 

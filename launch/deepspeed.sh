@@ -25,7 +25,7 @@ else
     launcher_args+=(--num_gpus="${NUM_GPUS:-$(default_local_procs)}")
 fi
 
-# DeepSpeed's launcher forwards --local_rank; megatron_bd3.cli.train accepts and ignores it (the
+# DeepSpeed's launcher forwards --local_rank; bd3-train and bd3-eval accept and ignore it (the
 # rank comes from the environment it also sets).
 exec "${PYTHON}" -m deepspeed.launcher.runner "${launcher_args[@]}" \
-    --module megatron_bd3.cli.train "$@"
+    --module "${BD3_MODULE}" "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launch bd3-train with torchrun, on one node or many.
+# Launch bd3-train (or bd3-eval: BD3_COMMAND=eval) with torchrun, on one node or many.
 #
 # Single node, 2 processes (a shipped config by name, or a path to your YAML):
 #   launch/torchrun.sh tiny_cpu training.train_iters=200
@@ -13,6 +13,8 @@
 #   MASTER_ADDR     rendezvous host (default 127.0.0.1); MASTER_PORT (default 29500)
 #   RDZV_ENDPOINT   overrides MASTER_ADDR:MASTER_PORT (host:port, c10d rendezvous)
 #   RDZV_ID         rendezvous job id for multi-node (default bd3)
+#   BD3_COMMAND     train (default) or eval: e.g. BD3_COMMAND=eval launch/torchrun.sh RUN_DIR
+#                   --data runs/data --tensor-model-parallel-size 2
 #   PYTHON          interpreter (default: the active virtualenv's, else the checkout's .venv,
 #                   else python3)
 # Relative paths (the config, data.*, outputs) are taken from the directory this is run in.
@@ -36,4 +38,4 @@ exec "${PYTHON}" -m torch.distributed.run \
     --nnodes="${NNODES}" \
     --nproc-per-node="${NPROC_PER_NODE}" \
     "${rdzv_args[@]}" \
-    -m megatron_bd3.cli.train "$@"
+    -m "${BD3_MODULE}" "$@"

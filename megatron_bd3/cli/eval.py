@@ -4,6 +4,7 @@
     bd3-eval runs/demo --data val=runs/data@validation --data lee=corpus.txt --nelbo-samples 8
     torchrun --nproc-per-node 2 -m megatron_bd3.cli.eval CKPT --data runs/data \\
         --tensor-model-parallel-size 2                        # any TP/PP/DP layout, same numbers
+    BD3_COMMAND=eval launch/torchrun.sh CKPT --data runs/data  # or launch/deepspeed.sh, slurm
     bd3-eval MODEL --num-samples 64 --scorer runs/ar-model    # generative perplexity
     bd3-eval CKPT --data runs/data --grad-variance            # gradient variance per clip range
 
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wandb", choices=("disabled", "offline", "online"), default="disabled",
                         help="also log to wandb (offline writes a local run to sync later)")
     parser.add_argument("--wandb-project", default="megatron_bd3")
+    # the deepspeed launcher passes --local_rank; the rank comes from the environment anyway
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
 
     layout = parser.add_argument_group("layout (DP = world size / (TP x PP))")
     layout.add_argument("--tensor-model-parallel-size", type=int, default=1)

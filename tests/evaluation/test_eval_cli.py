@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from megatron_bd3.cli.eval import main as eval_main
 from megatron_bd3.data.corpus import default_corpus_path
-from tests.dist_launcher import REPO_ROOT, run_distributed
+from tests.dist_launcher import REPO_ROOT, free_port, run_distributed
 from tests.training.tiny_run import prepare_tiny_data, run_trainer, tiny_config, write_config
 
 EVAL_SCRIPT = REPO_ROOT / "megatron_bd3" / "cli" / "eval.py"
@@ -47,10 +48,18 @@ def test_same_bound_in_every_layout_and_for_the_standalone_directory(trained, tm
     assert eval_main([str(ckpt), *common(data, tmp_path / "one")]) == 0
     one = read(tmp_path / "one")["likelihood"][0]
     assert (tmp_path / "one" / "likelihood.png").stat().st_size > 0
-    for name, layout in (("dp2", []), ("tp2", ["--tensor-model-parallel-size", "2"]),
-                         ("pp2", ["--pipeline-model-parallel-size", "2"])):
-        run_distributed(EVAL_SCRIPT, 2, str(ckpt), *common(data, tmp_path / name), *layout,
-                        "--no-plots")
+    for name, layout, launcher in (("dp2", [], "torchrun.sh"),
+                                   ("tp2", ["--tensor-model-parallel-size", "2"], "deepspeed.sh"),
+                                   ("pp2", ["--pipeline-model-parallel-size", "2"], None)):
+        args = [str(ckpt), *common(data, tmp_path / name), *layout, "--no-plots"]
+        if launcher is None:
+            run_distributed(EVAL_SCRIPT, 2, *args)
+        else:  # the training launchers run bd3-eval with BD3_COMMAND=eval
+            env = {**os.environ, "PYTHON": sys.executable, "BD3_COMMAND": "eval",
+                   "NPROC_PER_NODE": "2", "NUM_GPUS": "2", "MASTER_PORT": str(free_port())}
+            proc = subprocess.run(["bash", str(REPO_ROOT / "launch" / launcher), *args],
+                                  capture_output=True, text=True, env=env, timeout=300)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         result = read(tmp_path / name)
         assert result["layout"]["world_size"] == 2
         row = result["likelihood"][0]

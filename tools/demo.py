@@ -6,6 +6,7 @@ Steps, each a real tool run the way a user would run it:
   3. show the block-diffusion attention mask for a small L and B
   4. train the tiny BD3 model on 2 CPU processes, validate, checkpoint (bd3-train via torchrun)
   5. convert the checkpoint to the standalone format and sample     (bd3-convert, bd3-sample)
+  6. evaluate the checkpoint on 2 processes: the NELBO bound with a 95% interval (bd3-eval)
 
 Everything lands under --workdir (default runs/demo, relative to the current directory); a second
 run starts from scratch. Run it from the checkout: `python -m tools.demo` (or `make demo`).
@@ -123,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     _run([py, "-m", "megatron_bd3.cli.sample", str(standalone_dir), "--num-samples", "2",
           "--batch-size", "2", "--length", str(2 * args.seq_length), "--top-p", "0.9",
           "--seed", "1", "--output", str(workdir / "samples.jsonl")])
+
+    _banner(f"6. evaluate the checkpoint on {args.nproc} processes (NELBO bound, 95% interval)")
+    _run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+          "-m", "megatron_bd3.cli.eval", str(run_dir / "checkpoints"),
+          "--data", f"validation={data_dir}", "--nelbo-samples", "4",
+          "--output", str(workdir / "eval"), "--no-progress"])
 
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs in {workdir}")
     return 0

@@ -118,7 +118,8 @@ def _quiet() -> None:
 
     for message in (".*Transformer Engine and Apex are not installed.*",
                     ".*Apex is not installed.*", ".*tp_group is None.*",
-                    ".*deprecating ShardedTensor.*"):
+                    ".*deprecating ShardedTensor.*", ".*`load_state_dict` is deprecated.*",
+                    ".*full scope is deprecated.*"):
         warnings.filterwarnings("ignore", message=message)
     for noisy in ("megatron", "DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -235,6 +235,24 @@ def read_latest(root: Path) -> Path | None:
     return root / name
 
 
+def resume_candidates(root: Path) -> list[Path]:
+    """The checkpoints `checkpoint.resume=auto` may continue from, newest first: the one `latest`
+    names, then the older step_* directories. A step directory newer than `latest` is never a
+    candidate: it belongs to a line of the run that was abandoned (a resume from an older
+    checkpoint) or its save did not get as far as moving `latest`."""
+    root = Path(root)
+    latest = read_latest(root)
+    if latest is None:
+        return []
+    newest = int(_STEP_DIR.match(latest.name).group(1))
+    older = [
+        p
+        for p in reversed(list_checkpoints(root))
+        if int(_STEP_DIR.match(p.name).group(1)) < newest
+    ]
+    return [latest, *older]
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     root = Path(root)
     return sorted(p for p in root.glob("step_*") if _STEP_DIR.match(p.name) and p.is_dir())

@@ -42,6 +42,7 @@ from megatron_bd3.checkpoint.atomic import (
     finish_save,
     prune,
     read_latest,
+    resume_candidates,
     verify_distributed,
 )
 from megatron_bd3.checkpoint.rng import capture_rng_state, restore_rng_state
@@ -174,6 +175,53 @@ def resolve_resume(root: str | Path, resume: str) -> Path | None:
     if not path.exists():
         raise CheckpointError(f"checkpoint.resume={resume}: no such checkpoint directory")
     return path
+
+
+def _same_on_every_rank(paths: list[Path]) -> list[Path]:
+    """Rank 0's list: every rank then verifies the same checkpoints in the same order (the
+    verification is collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return paths
+    box: list[Any] = [[str(p) for p in paths]]
+    dist.broadcast_object_list(box, src=0)
+    return [Path(p) for p in box[0]]
+
+
+def select_resume(
+    root: str | Path, resume: str, record: dict[str, Any]
+) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """checkpoint.resume -> (directory, its verified marker, why newer checkpoints were skipped).
+
+    `auto` takes the newest intact checkpoint (marker, sizes, checksums) among those
+    `resume_candidates` lists, skipping torn or corrupt ones, and refuses with one message naming
+    every candidate when none is intact: a run that has checkpoints never silently restarts from
+    scratch. An explicit directory is verified and refused when it is not intact. Either way the
+    chosen checkpoint must match this run (check_compatible): a mismatch is never skipped.
+    All ranks call this.
+    """
+    if resume != "auto":
+        directory = resolve_resume(root, resume)
+        if directory is None:
+            return None, None, []
+        return directory, check_resumable(directory, record), []
+    candidates = _same_on_every_rank(resume_candidates(Path(root)))
+    skipped: list[str] = []
+    for directory in candidates:
+        try:
+            marker = verify_distributed(directory)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            continue
+        check_compatible(marker, record, directory)
+        refuse_unresumable(marker, directory)
+        return directory, marker, skipped
+    if candidates:
+        raise CheckpointError(
+            f"checkpoint.resume=auto: none of the {len(candidates)} checkpoint(s) in {root} is "
+            f"intact ({'; '.join(skipped)}); refusing to start from scratch over them: restore "
+            f"one, pass checkpoint.resume=none to start a new run, or use another checkpoint.dir"
+        )
+    return None, None, []
 
 
 def _compare(kind: str, saved: dict[str, Any], current: dict[str, Any], keys, directory) -> None:

@@ -7,9 +7,10 @@
     bd3-train tiny_cpu --resume auto                                  # continue the latest run
 
 Positional `section.key=value` arguments override the YAML (type-checked). `--resume` is a
-shortcut for checkpoint.resume (auto: the run's latest checkpoint if any; none: start fresh; or a
-checkpoint directory). Relative paths, on the command line and in the YAML, are taken from the
-current directory; a config path found nowhere there is looked up among the shipped configs
+shortcut for checkpoint.resume (auto: the run's newest intact checkpoint if any, skipping torn or
+corrupt ones; none: start fresh; or a checkpoint directory). Relative paths, on the command line
+and in the YAML, are taken from the current directory; a config path found nowhere there is looked
+up among the shipped configs
 (megatron_bd3.paths). From Python: `megatron_bd3.cli.train.train(config)` returns a summary dict.
 See docs/training.md.
 """
@@ -91,6 +92,29 @@ def _quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+def is_run_input_error(exc: BaseException) -> bool:
+    """Whether `exc` says what is wrong with the run's inputs -- config, checkpoint, data shards,
+    manifest, tokenizer -- in its message, so one line is the whole report (exit 2). A plain
+    ValueError counts only when megatron_bd3.data raised it (e.g. a loader state that does not
+    fit the data); anything else is a bug and keeps its traceback."""
+    from megatron_bd3.checkpoint import CheckpointError
+    from megatron_bd3.data.manifest import ManifestError
+    from megatron_bd3.data.shards import ShardError
+    from megatron_bd3.data.sources import InputError
+    from megatron_bd3.data.tokenizer import TokenizerError
+
+    if isinstance(
+        exc, (ConfigError, CheckpointError, ManifestError, ShardError, InputError, TokenizerError)
+    ):
+        return True
+    if type(exc) is not ValueError or exc.__traceback__ is None:
+        return False
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__", "").startswith("megatron_bd3.data.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides)
@@ -107,12 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(dump_config(config))
         return 0
     _quiet_known_warnings()
-    from megatron_bd3.checkpoint import CheckpointError
-
     try:
         summary = train(config, stop_after=args.stop_after)
-    except (ConfigError, CheckpointError) as exc:
-        print(f"bd3-train: {exc}", file=sys.stderr, flush=True)
+    except Exception as exc:
+        if not is_run_input_error(exc):
+            raise  # a bug: keep its traceback (exit 1)
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        where = f"rank {os.environ.get('RANK', '?')}: " if several else ""
+        message = " ".join(str(exc).split("\n"))
+        print(f"bd3-train: {where}{message}", file=sys.stderr, flush=True)
         return 2
     if args.summary_json and int(os.environ.get("RANK", "0")) == 0:
         Path(args.summary_json).write_text(json.dumps(summary, indent=1))

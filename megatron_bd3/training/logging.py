@@ -2,7 +2,9 @@
 
 wandb defaults to offline mode (WANDB_MODE=offline unless the config says online); if wandb
 cannot start (no network, no key) the run goes on without it and says so once. The JSON-lines
-file `<run dir>/metrics.jsonl` records every logged step; resume appends to it.
+file `<run dir>/metrics.jsonl` records every logged step. A resume at step S first drops the
+records of steps after S (the resumed run logs them again; see `drop_records_after`), then appends,
+so every step appears once.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class MetricsLogger:
         wandb_project: str,
         wandb_entity: str | None,
         config_dict: dict[str, Any],
+        resumed_at: int | None = None,
     ) -> None:
         self.active = rank == 0
         self.total_steps = total_steps
@@ -72,6 +75,9 @@ class MetricsLogger:
         if not self.active:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        dropped = 0
+        if resumed_at is not None:
+            dropped = drop_records_after(run_dir / "metrics.jsonl", resumed_at)
         self._jsonl = open(run_dir / "metrics.jsonl", "a")
         if show_tqdm and total_steps > start_step:
             from tqdm import tqdm
@@ -88,9 +94,16 @@ class MetricsLogger:
             self._wandb = self._start_wandb(
                 run_dir, run_name, wandb_mode, wandb_project, wandb_entity, config_dict
             )
+        if dropped:
+            self.info(
+                f"metrics.jsonl: dropped {dropped} record(s) after step {resumed_at}, the step "
+                f"this run resumes from (they are logged again)"
+            )
 
     @classmethod
-    def from_config(cls, config, *, rank: int, start_step: int) -> MetricsLogger:
+    def from_config(
+        cls, config, *, rank: int, start_step: int, resumed_at: int | None = None
+    ) -> MetricsLogger:
         """The logger a run config describes (`logging` section; outputs in the run directory)."""
         log = config.logging
         return cls(
@@ -104,6 +117,7 @@ class MetricsLogger:
             wandb_project=log.wandb.project,
             wandb_entity=log.wandb.entity,
             config_dict=config.to_dict(),
+            resumed_at=resumed_at,
         )
 
     def _start_wandb(self, run_dir, run_name, mode, project, entity, config_dict):
@@ -163,6 +177,36 @@ class MetricsLogger:
                 self._wandb.finish()
             except Exception:  # never fail a finished run on logging
                 pass
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite the JSON-lines file `path` without the records of steps after `step` (training and
+    validation alike) and without lines that are not JSON (a write cut short by a kill); returns
+    how many lines went. The new file replaces the old one atomically (a crash leaves either)."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                and record["step"] > step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as handle:
+            handle.write("".join(line + "\n" for line in kept))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    return dropped
 
 
 def _wandb_id(run_dir: Path) -> str:

@@ -31,7 +31,7 @@ from megatron_bd3.checkpoint import (
     resolve_resume,
     save_training_state,
 )
-from megatron_bd3.checkpoint.manager import check_resumable
+from megatron_bd3.checkpoint.manager import select_resume
 from megatron_bd3.data import BD3DataLoader, load_manifest, load_tokenizer
 from megatron_bd3.model import forward_step
 from megatron_bd3.parallel import all_reduce_host, destroy_parallel
@@ -100,11 +100,15 @@ class Trainer:
         self.identity = model_identity(
             cfg, self.model_config, str(self.manifest_tokenizer.get("fingerprint"))
         )
-        self.resume_dir = resolve_resume(cfg.checkpoint_dir, cfg.checkpoint.resume)
-        resume_marker = None
-        if self.resume_dir is not None:  # refuse a mismatch before the expensive set-up
-            resume_marker = check_resumable(self.resume_dir, self._record())
-        elif cfg.checkpoint.init_from:
+        # verified, and a mismatch refused, before the expensive set-up
+        self.resume_dir, resume_marker, skipped = select_resume(
+            cfg.checkpoint_dir, cfg.checkpoint.resume, self._record()
+        )
+        if self.info.rank == 0:
+            for reason in skipped:
+                logger.warning(f"checkpoint.resume=auto skips a checkpoint that is not intact: "
+                               f"{reason}")
+        if self.resume_dir is None and cfg.checkpoint.init_from:
             self._init_from(chunks, cfg.checkpoint.init_from)
         self.stepper = par.parallelize(
             cfg, self.model_config, chunks, environment=self.env,
@@ -194,7 +198,10 @@ class Trainer:
             self.peak_flops, how = cfg.logging.peak_flops_per_device, "logging.peak_flops_per_device"
         else:
             self.peak_flops, how = default_peak_flops(self.env.device_type, self.env.precision)
-        self.metrics = MetricsLogger.from_config(cfg, rank=info.rank, start_step=self.state.step)
+        self.metrics = MetricsLogger.from_config(
+            cfg, rank=info.rank, start_step=self.state.step,
+            resumed_at=self.state.step if self.resume_dir is not None else None,
+        )
         self.profiler = StepProfiler(cfg.logging.profile_steps, cfg.run_dir / "profile",
                                      info.rank, self.env.device_type)
         if info.rank == 0:

@@ -94,25 +94,18 @@ def _quiet_known_warnings() -> None:
 
 def is_run_input_error(exc: BaseException) -> bool:
     """Whether `exc` says what is wrong with the run's inputs -- config, checkpoint, data shards,
-    manifest, tokenizer -- in its message, so one line is the whole report (exit 2). A plain
-    ValueError counts only when megatron_bd3.data raised it (e.g. a loader state that does not
-    fit the data); anything else is a bug and keeps its traceback."""
+    manifest, tokenizer, a data layout or saved data position that does not fit -- in its
+    message, so one line is the whole report (exit 2). Anything else is a bug and keeps its
+    traceback."""
     from megatron_bd3.checkpoint import CheckpointError
+    from megatron_bd3.data.loader import LoaderStateError
     from megatron_bd3.data.manifest import ManifestError
     from megatron_bd3.data.shards import ShardError
     from megatron_bd3.data.sources import InputError
     from megatron_bd3.data.tokenizer import TokenizerError
 
-    if isinstance(
-        exc, (ConfigError, CheckpointError, ManifestError, ShardError, InputError, TokenizerError)
-    ):
-        return True
-    if type(exc) is not ValueError or exc.__traceback__ is None:
-        return False
-    tb = exc.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb.tb_frame.f_globals.get("__name__", "").startswith("megatron_bd3.data.")
+    return isinstance(exc, (ConfigError, CheckpointError, LoaderStateError, ManifestError,
+                            ShardError, InputError, TokenizerError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
+class LoaderStateError(ValueError):
+    """The data cannot serve this run: its layout or a saved position does not fit the split."""
+
+
 class _MicroBatchStream(IterableDataset):
     """Micro-batches start, start+1, ... (< stop) of one rank; split round-robin across workers."""
 
@@ -180,7 +184,7 @@ class BD3DataLoader:
                 remainder=remainder,
             )
         except ValueError as exc:
-            raise ValueError(f"{self.manifest.path} split {split!r}: {exc}") from None
+            raise LoaderStateError(f"{self.manifest.path} split {split!r}: {exc}") from None
         self._micro_step = 0
         self._generation = 0
         layout = self.layout
@@ -344,7 +348,8 @@ class BD3DataLoader:
         micro_batch_size / num_microbatches) only when `state` sits on a global-batch boundary.
         """
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+            raise LoaderStateError(
+                f"loader state version {state.get('version')} is not {STATE_VERSION}")
         layout = self.layout
         mine = {
             "split": self.split,
@@ -362,7 +367,8 @@ class BD3DataLoader:
             if state.get(k) != v
         ]
         if wrong:
-            raise ValueError("cannot resume: the saved loader state differs in " + "; ".join(wrong))
+            raise LoaderStateError(
+                "cannot resume: the saved loader state differs in " + "; ".join(wrong))
         same_layout = all(
             state.get(k) == getattr(layout, k)
             for k in ("micro_batch_size", "num_microbatches", "dp_size")
@@ -372,7 +378,7 @@ class BD3DataLoader:
         elif int(state["microbatch"]) == 0:
             micro_step = int(state["global_step"]) * layout.num_microbatches
         else:
-            raise ValueError(
+            raise LoaderStateError(
                 f"cannot resume mid-global-batch (micro-batch {state['microbatch']} of "
                 f"{state['num_microbatches']}) under a different layout (micro_batch_size/"
                 f"num_microbatches/dp_size {state['micro_batch_size']}/{state['num_microbatches']}/"

@@ -11,6 +11,7 @@ import pytest
 
 from megatron_bd3.checkpoint import CheckpointError
 from megatron_bd3.cli.train import is_run_input_error
+from megatron_bd3.data.loader import LoaderStateError
 from megatron_bd3.data.manifest import ManifestError, load_manifest
 from megatron_bd3.data.shards import ShardError, choose_dtype
 from megatron_bd3.data.tokenizer import TokenizerError
@@ -31,8 +32,10 @@ def test_which_errors_are_reported_in_one_line():
     for error in (ConfigError("x"), CheckpointError("x"), ManifestError("x"), ShardError("x"),
                   TokenizerError("x")):
         assert is_run_input_error(error), error
-    # a plain ValueError counts only when megatron_bd3.data raised it
-    assert is_run_input_error(raised(choose_dtype, 70000, "uint16"))
+    # the loader's own error for a data layout or saved position that does not fit
+    assert is_run_input_error(LoaderStateError("cannot resume: the saved loader state differs"))
+    # a plain ValueError keeps its traceback, wherever it is raised
+    assert not is_run_input_error(raised(choose_dtype, 70000, "uint16"))
 
     def bug():
         raise ValueError("a bug somewhere else")

@@ -167,6 +167,18 @@ def brute_force_nelbo(params, config: BD3Config, batch, two_stream: bool):
     return torch.where(counted, terms, torch.zeros_like(terms)).sum() / batch["loss_mask"].sum()
 
 
+
+def assert_brute_force(model, config, batch, loss, grads) -> None:
+    """`loss` and `grads` of `model` equal the float64 brute-force two-stream NELBO and its
+    gradients on `batch`."""
+    params = {name: p.detach().double().requires_grad_() for name, p in model.named_parameters()}
+    expected = brute_force_nelbo(params, config, batch, two_stream=True)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected.detach(), **TOL)
+    for name, param in params.items():
+        torch.testing.assert_close(grads[name].double(), param.grad, **GRAD_TOL, msg=name)
+
+
 def model_loss_and_grads(model: BD3Model, batch):
     model.zero_grad(set_to_none=True)
     inputs = BD3LossInputs(batch["masked"], batch["loss_weight"], batch["loss_mask"])
@@ -186,12 +198,7 @@ def test_training_loss_and_every_gradient_match_brute_force(single_rank, seq_len
     model = BD3Model(config).train()
     batch = random_batch(2, seed=22, seq_length=seq_length)
     loss, grads = model_loss_and_grads(model, batch)
-    params = {name: p.detach().double().requires_grad_() for name, p in model.named_parameters()}
-    expected = brute_force_nelbo(params, config, batch, two_stream=True)
-    expected.backward()
-    torch.testing.assert_close(loss.double(), expected.detach(), **TOL)
-    for name, param in params.items():
-        torch.testing.assert_close(grads[name].double(), param.grad, **GRAD_TOL, msg=name)
+    assert_brute_force(model, config, batch, loss, grads)
 
 
 def test_single_stream_mdlm_equals_two_stream_for_the_same_noise(single_rank):
@@ -288,12 +295,7 @@ def test_each_fast_path_switch_changes_the_path_not_the_loss(single_rank, monkey
             block, rope, seen = _path_probe(model, patch)
             loss, grads = model_loss_and_grads(model, batch)
         results[on] = (loss, grads, block.count, rope.count, seen)
-        params = {name: p.detach().double().requires_grad_() for name, p in model.named_parameters()}
-        expected = brute_force_nelbo(params, config, batch, two_stream=True)
-        expected.backward()
-        torch.testing.assert_close(loss.double(), expected.detach(), **TOL)
-        for name, param in params.items():
-            torch.testing.assert_close(grads[name].double(), param.grad, **GRAD_TOL, msg=name)
+        assert_brute_force(model, config, batch, loss, grads)
 
     layers = 2
     masked = int(batch["masked"].sum())

@@ -51,18 +51,21 @@ class StandaloneLossModel:
         self.block_size = network.config.block_size
         self.mask_token_id = network.config.mask_token_id
 
-    @torch.no_grad()
-    def reports(self, microbatches: list[dict[str, Any]], ignore_bos: bool) -> list[dict]:
+    def nelbo(self, batch: dict[str, Any]):
+        """The NELBO of one noised micro-batch (megatron_bd3.diffusion.NELBOOutput: the trainer's
+        per-token mean, the [b, L] terms, the [b, N_b] block means), with autograd as called."""
         from megatron_bd3.diffusion import nelbo_from_token_nll, token_nll_from_logits
 
+        logits = self.network.forward_train(batch["x_t"], batch["x_0"])  # [b, L, V]
+        token_nll = token_nll_from_logits(logits, batch["x_0"], self.mask_token_id)
+        return nelbo_from_token_nll(token_nll, batch["masked"], loss_weight=batch["loss_weight"],
+                                    block_size=self.block_size)
+
+    @torch.no_grad()
+    def reports(self, microbatches: list[dict[str, Any]], ignore_bos: bool) -> list[dict]:
         out = []
         for batch in microbatches:
-            logits = self.network.forward_train(batch["x_t"], batch["x_0"])  # [b, L, V]
-            token_nll = token_nll_from_logits(logits, batch["x_0"], self.mask_token_id)
-            token_loss = nelbo_from_token_nll(
-                token_nll, batch["masked"], loss_weight=batch["loss_weight"],
-                block_size=self.block_size,
-            ).token_loss  # [b, L]
+            token_loss = self.nelbo(batch).token_loss  # [b, L]
             count_mask = batch.get("count_mask")
             if count_mask is None:
                 count_mask = count_mask_for(batch["x_0"], ignore_bos)

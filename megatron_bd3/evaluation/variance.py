@@ -165,9 +165,8 @@ class StandaloneGradients:
     model_parallel_group = None
 
     def __init__(self, loss_model) -> None:
+        self.loss_model = loss_model
         self.network = loss_model.network.eval()
-        self.block_size = loss_model.block_size
-        self.mask_token_id = loss_model.mask_token_id
         self.counted = [p for p in self.network.parameters() if p.requires_grad]
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.data_parallel_group = dist.group.WORLD if world > 1 else None
@@ -176,18 +175,12 @@ class StandaloneGradients:
         self.network.zero_grad(set_to_none=True)
 
     def minibatch(self, microbatches: list[dict[str, Any]]) -> dict:
-        from megatron_bd3.diffusion import nelbo_from_token_nll, token_nll_from_logits
-
         self.clear()
         device = next(self.network.parameters()).device
         loss_sum, tokens, blocks = 0.0, 0.0, []
         for batch in microbatches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = self.network.forward_train(batch["x_t"], batch["x_0"])  # [b, L, V]
-            token_nll = token_nll_from_logits(logits, batch["x_0"], self.mask_token_id)
-            out = nelbo_from_token_nll(token_nll, batch["masked"],
-                                       loss_weight=batch["loss_weight"],
-                                       block_size=self.block_size)
+            out = self.loss_model.nelbo(batch)
             # megatron's schedule: per-micro-batch token mean, averaged over micro-batches
             (out.loss / len(microbatches)).backward()
             loss_sum += float(out.token_loss.detach().double().sum())

@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench reproduce lint clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+reproduce: install
+	$(PY) -m tools.reproduce $(REPRODUCE_ARGS)
 
 bench: install
 	$(PY) -m tools.bench

@@ -294,7 +294,6 @@ def collect(study: Study) -> dict:
                     "length", "num_samples", "gen_ppl", "gen_ppl_token_weighted", "entropy",
                     "nfe", "tokens_per_second")}
         models[model.name] = entry
-    config = study.run_dir(MODELS[1]) / "config.yaml"
     return {
         "scale": {"quick": study.scale is QUICK, **study.scale.__dict__},
         "config": CONFIG,
@@ -309,7 +308,6 @@ def collect(study: Study) -> dict:
         "machine": _machine(),
         "versions": _versions(),
         "seconds": dict(study.timings),
-        "run_config": config.read_text() if config.exists() else None,
     }
 
 
@@ -317,6 +315,8 @@ def _interval(row: dict) -> str:
     if row.get("ppl_ci95") is None:
         return f"{row['ppl']:.1f}"
     low, high = row["ppl_ci95"]
+    if high - low < 1e-9 * row["ppl"]:  # AR: the exact likelihood, no Monte-Carlo noise
+        return f"{row['ppl']:.1f} (exact)"
     return f"{row['ppl']:.1f} [{low:.1f}, {high:.1f}]"
 
 

@@ -138,11 +138,16 @@ def load_auto_model(directory: str | Path):
     own code, offline, fp32, in eval mode."""
     try:
         from transformers import AutoModelForMaskedLM
+        from transformers.utils import logging as hf_logging
     except ImportError:
         raise ImportError("loading a Hugging Face directory needs transformers: pip install "
-                          "'megatron_bd3[hf]'") from None
-    model = AutoModelForMaskedLM.from_pretrained(str(directory), trust_remote_code=True,
-                                                 local_files_only=True, dtype=torch.float32)
+                          "'megatron_bd3[hf]' (or skip the check with --no-check)") from None
+    hf_logging.disable_progress_bar()  # a per-tensor loading bar says nothing here
+    try:
+        model = AutoModelForMaskedLM.from_pretrained(str(directory), trust_remote_code=True,
+                                                     local_files_only=True, dtype=torch.float32)
+    finally:
+        hf_logging.enable_progress_bar()
     return model.eval()
 
 

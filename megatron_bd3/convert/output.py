@@ -11,9 +11,7 @@ from pathlib import Path
 
 from megatron_bd3.convert.parity import ParityReport
 
-__all__ = ["TOKENIZER_METADATA", "ConversionResult", "normal_modes", "staged_output"]
-
-TOKENIZER_METADATA = "bd3_tokenizer.json"  # marks a megatron_bd3 tokenizer directory
+__all__ = ["ConversionResult", "normal_modes", "staged_output"]
 
 
 @dataclass

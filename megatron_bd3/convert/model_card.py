@@ -139,8 +139,9 @@ def model_card(config: NetworkConfig, *, layout: str, num_parameters: int,
     """The README.md text. ``layout``: what the directory holds (e.g. "Hugging Face, reference
     DiT layout"); ``loading``: the code that loads it."""
     c = config
-    kind = ("autoregressive (B = 1)" if c.block_size == 1 else
-            "MDLM (B = L)" if c.block_size == c.seq_length else f"BD3-LM, block size {c.block_size}")
+    kind = ("autoregressive (B = 1)" if c.block_size == 1
+            else "MDLM (B = L)" if c.block_size == c.seq_length
+            else f"BD3-LM, block size {c.block_size}")
     lines = [
         "---",
         "library_name: transformers" if "Hugging Face" in layout else "library_name: torch",

@@ -33,8 +33,9 @@ class ConversionResult:
 @contextlib.contextmanager
 def staged_output(output_dir: str | Path, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `output_dir`; on success it replaces
-    `output_dir` (with normal file modes, see `normal_modes`), on error it is removed. An existing non-empty `output_dir` is an error unless
-    `overwrite` (then it is replaced as a whole)."""
+    `output_dir` (with normal file modes, see `normal_modes`), on error it is removed. An
+    existing non-empty `output_dir` is an error unless `overwrite` (then it is replaced as a
+    whole)."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"output {output_dir} exists and is not a directory")

@@ -302,3 +302,21 @@ def test_the_loading_snippet_of_docs_convert_runs(exports, tmp_path):
     network = exports["hf"][0]
     x_t, x_0 = namespace["x_t"], namespace["x_0"]
     relative_close(namespace["logits"], network.forward_train(x_t, x_0).detach())
+
+
+def test_the_shipped_code_files_import_only_torch_transformers_and_each_other():
+    """They run inside an export, where megatron_bd3 may not be installed."""
+    import ast
+
+    from megatron_bd3.convert.hf_files import HF_FILES_DIR
+
+    allowed = {"__future__", "math", "torch", "transformers", "sentencepiece"}
+    for path in sorted(HF_FILES_DIR.glob("*_bd3lm.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                roots = set() if node.level else {node.module.split(".")[0]}
+            else:
+                continue
+            assert roots <= allowed, (path.name, roots)

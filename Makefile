@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,eval]"
+	$(PY) -m pip install -q -e ".[dev,eval,hf]"
 	$(PY) -c "import torch, megatron.core, deepspeed, webdataset, sentencepiece; print('torch', torch.__version__)"
 	touch $@
 

@@ -9,6 +9,7 @@ apex is optional and never a dependency (see README, "GPU installs").
 from setuptools import find_packages, setup
 
 TORCH_VERSION = "2.13.0"
+TRANSFORMERS = "transformers==5.25.0"
 
 install_requires = [
     f"torch=={TORCH_VERSION}",
@@ -35,7 +36,10 @@ extras_require = {
     "dev": ["pytest==9.2.0", "ruff==0.17.6"],
     # bd3-eval: the Hugging Face causal-LM scorer of generative perplexity (a local model
     # directory, never a hub download) and plots. Neither pulls torch: the pin above stands.
-    "eval": ["transformers==5.25.0", "matplotlib==3.11.2"],
+    "eval": [TRANSFORMERS, "matplotlib==3.11.2"],
+    # Hugging Face model directories (bd3-convert --to hf / --to reference): loading them with the
+    # Auto classes, and the parity check of --to hf. The core install never needs transformers.
+    "hf": [TRANSFORMERS],
 }
 
 setup(

@@ -91,6 +91,8 @@ def test_pip_install_then_train_a_shipped_config_from_an_empty_directory(tmp_pat
     package = Path(where[0]).parent
     assert (package / "configs" / "tiny_cpu.yaml").is_file()
     assert (package / "configs" / "deepspeed" / "zero1.json").is_file()
+    for name in ("configuration_bd3lm.py", "modeling_bd3lm.py", "tokenization_bd3lm.py"):
+        assert (package / "convert" / "hf_files" / name).is_file(), name  # copied into exports
     assert not (package.parent / "tools").exists()
     for script in ("bd3-train", "bd3-prepare-data", "bd3-train-tokenizer", "bd3-convert",
                    "bd3-sample"):

@@ -5,7 +5,8 @@
 
 MODEL_DIR holds ``config.json`` + ``model.safetensors`` (megatron_bd3.standalone) and optionally a
 tokenizer (``bd3_tokenizer.json`` with its model file, in MODEL_DIR or MODEL_DIR/tokenizer, or
-``--tokenizer``); without one, token ids are printed instead of text. Sample ``i`` uses seed
+``--tokenizer``); without one, token ids are printed instead of text. A tokenizer whose
+fingerprint is not the one config.json records is refused (one line, exit 2). Sample ``i`` uses seed
 ``--seed + i``, so the output does not depend on ``--batch-size``. Each JSONL line holds: index,
 seed, text, token_ids (prompt included), prompt_length, num_tokens, num_generated, nfe,
 stop_reason, seconds (from the start of its batch to its end).
@@ -31,8 +32,6 @@ from pathlib import Path
 import torch
 
 from megatron_bd3.standalone import BD3Network, SamplerConfig, generate
-
-TOKENIZER_MARKERS = ("bd3_tokenizer.json",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,25 +96,6 @@ def add_sampling_arguments(parser, *, batch_size_flag: str = "--batch-size",
                         help="recompute the context at every call (slow; for comparison)")
     parser.add_argument("--window-refresh", action="store_true",
                         help="past seq_length, recompute the cached window when it slides")
-
-
-def find_tokenizer(model_dir: Path, explicit: Path | None):
-    """The tokenizer to decode with, or None (then token ids are shown)."""
-    path = explicit
-    if path is None:
-        for candidate in (model_dir, model_dir / "tokenizer"):
-            if any((candidate / marker).is_file() for marker in TOKENIZER_MARKERS):
-                path = candidate
-                break
-    if path is None:
-        return None
-    try:
-        from megatron_bd3.data.tokenizer import load_tokenizer
-    except ImportError as error:  # the data package is optional for sampling
-        print(f"bd3-sample: cannot import the tokenizer loader ({error}); printing token ids",
-              file=sys.stderr)
-        return None
-    return load_tokenizer(path)
 
 
 def _validate_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -189,15 +169,21 @@ def _load_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 def _load_standalone(parser: argparse.ArgumentParser, model_dir: Path,
                      args: argparse.Namespace):
-    """(network, tokenizer or None) of a standalone directory; exits 2 on bad input."""
+    """(network, tokenizer or None) of a standalone directory; exits 2 on bad input. The
+    tokenizer (--tokenizer, else the directory's own) must have the fingerprint the model's
+    config.json records: another one would decode the ids into other text."""
     try:
         network = BD3Network.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
     except (OSError, ValueError) as error:
         parser.error(str(error))
     try:
-        tokenizer = find_tokenizer(model_dir, args.tokenizer)
+        from megatron_bd3.data.tokenizer import find_model_tokenizer
+
+        tokenizer = find_model_tokenizer(model_dir, args.tokenizer,
+                                         network.config.tokenizer_fingerprint)
     except (OSError, ValueError) as error:
-        parser.error(f"cannot load the tokenizer: {error}")
+        print(f"{parser.prog}: cannot use the tokenizer: {error}", file=sys.stderr)
+        sys.exit(2)
     return network, tokenizer
 
 

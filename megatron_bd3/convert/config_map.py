@@ -106,6 +106,7 @@ def standalone_config_from_megatron(
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    tokenizer_fingerprint: str | None = None,
 ) -> NetworkConfig:
     """The standalone config of the network `config` describes (ValueError naming the fields
     that have no standalone equivalent). The clip range defaults to config.clip_min/clip_max."""
@@ -124,7 +125,7 @@ def standalone_config_from_megatron(
         values["sampling_eps_max"] = float(sampling_eps_max)
     values["qkv_bias"], values["attn_out_bias"], values["mlp_bias"] = _bias_triple(config)
     return NetworkConfig(**values, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-                         pad_token_id=pad_token_id)
+                         pad_token_id=pad_token_id, tokenizer_fingerprint=tokenizer_fingerprint)
 
 
 def megatron_overrides_from_standalone(config: NetworkConfig) -> dict[str, Any]:

@@ -11,9 +11,7 @@ from pathlib import Path
 
 from megatron_bd3.convert.parity import ParityReport
 
-__all__ = ["TOKENIZER_METADATA", "ConversionResult", "staged_output"]
-
-TOKENIZER_METADATA = "bd3_tokenizer.json"  # marks a megatron_bd3 tokenizer directory
+__all__ = ["ConversionResult", "normal_modes", "staged_output"]
 
 
 @dataclass
@@ -35,8 +33,9 @@ class ConversionResult:
 @contextlib.contextmanager
 def staged_output(output_dir: str | Path, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `output_dir`; on success it replaces
-    `output_dir`, on error it is removed. An existing non-empty `output_dir` is an error unless
-    `overwrite` (then it is replaced as a whole)."""
+    `output_dir` (with normal file modes, see `normal_modes`), on error it is removed. An
+    existing non-empty `output_dir` is an error unless `overwrite` (then it is replaced as a
+    whole)."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"output {output_dir} exists and is not a directory")
@@ -52,6 +51,16 @@ def staged_output(output_dir: str | Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    normal_modes(tmp)
     if output_dir.exists():
         shutil.rmtree(output_dir)
     os.rename(tmp, output_dir)
+
+
+def normal_modes(directory: Path) -> None:
+    """Files 0644 and directories 0755 under `directory` (and itself): an export is meant to be
+    shared, and some writers (safetensors) create their files owner-only."""
+    directory.chmod(0o755)
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)

@@ -2,7 +2,9 @@
 against the reference network evaluated directly from its (unfolded, adaLN) weights.
 
 The folding itself is megatron_bd3.standalone.reference_format's; this module adds directory
-handling (staged output, tokenizer files) and the check. Torch only.
+handling (staged output, tokenizer files, the Hugging Face code files and model card of
+megatron_bd3.convert.hf, so the directory loads with the Auto classes) and the check. The
+tokenizer travels only when its fingerprint is the one the model records. Torch only.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_bd3.convert.output import TOKENIZER_METADATA, ConversionResult, staged_output
+from megatron_bd3.convert.hf import model_tokenizer, write_hf_support
+from megatron_bd3.convert.model_card import copy_training_record, write_model_card
+from megatron_bd3.convert.output import ConversionResult, staged_output
 from megatron_bd3.convert.parity import DEFAULT_TOLERANCE, compare_logits, random_noisy_batch
 from megatron_bd3.convert.reference_dit import reference_training_logits
 from megatron_bd3.standalone.model import BD3Network
@@ -36,16 +40,6 @@ def _read_reference(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(weights_path)), json.loads(config_path.read_text())
 
 
-def copy_tokenizer(source: Path, destination: Path) -> str | None:
-    """Re-save the megatron_bd3 tokenizer of `source` (if it has one) into `destination`."""
-    if not (source / TOKENIZER_METADATA).is_file():
-        return None
-    from megatron_bd3.data import load_tokenizer
-
-    load_tokenizer(source).save(destination)
-    return f"tokenizer copied from {source}"
-
-
 def _batch_for(network: BD3Network, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     c = network.config
     return random_noisy_batch(c.vocab_size, c.mask_token_id, c.seq_length, c.block_size,
@@ -58,6 +52,7 @@ def standalone_to_reference(
     *,
     cond_dim: int = 128,
     dropout: float = 0.1,
+    eval_report: str | Path | None = None,
     check: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int = 0,
@@ -65,15 +60,16 @@ def standalone_to_reference(
 ) -> ConversionResult:
     """Standalone directory -> reference HF directory (config.json with model_type "bd3lm",
     model.safetensors with `backbone.*` keys). `cond_dim` and `dropout` only fill the reference
-    config (the adaLN weights are written as zeros with the folded constants as biases)."""
+    config (the adaLN weights are written as zeros with the folded constants as biases).
+    The directory also loads with transformers' Auto classes (megatron_bd3.convert.hf)."""
     source = Path(standalone_dir)
     network = BD3Network.from_pretrained(source)
+    tokenizer = model_tokenizer(source, network.config)
     result = ConversionResult(Path(output_dir), source)
     with staged_output(output_dir, overwrite) as tmp:
         save_reference(network, tmp, cond_dim=cond_dim, dropout=dropout)
-        note = copy_tokenizer(source, tmp)
-        if note:
-            result.notes.append(note)
+        result.notes += write_hf_support(tmp, network, tokenizer, layout="reference DiT layout",
+                                         source=source, eval_report=eval_report)
         if check:
             tensors, config = _read_reference(tmp)
             x_t, x_0 = _batch_for(network, seed)
@@ -93,6 +89,7 @@ def reference_to_standalone(
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    eval_report: str | Path | None = None,
     check: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int = 0,
@@ -104,12 +101,15 @@ def reference_to_standalone(
     source = Path(reference_dir)
     network = load_reference(source, mask_token_id=mask_token_id, bos_token_id=bos_token_id,
                              eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    tokenizer = model_tokenizer(source, network.config)
     result = ConversionResult(Path(output_dir), source)
     with staged_output(output_dir, overwrite) as tmp:
         network.save_pretrained(tmp)
-        note = copy_tokenizer(source, tmp)
-        if note:
-            result.notes.append(note)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+            result.notes.append(f"tokenizer from {source}")
+        write_model_card(tmp, network, hugging_face=False, layout="standalone directory",
+                         record=copy_training_record(source, tmp), eval_report=eval_report)
         if check:
             tensors, config = _read_reference(source)
             written = BD3Network.from_pretrained(tmp)
@@ -120,3 +120,4 @@ def reference_to_standalone(
             result.parity.append(compare_logits(
                 original, converted, "reference DiT vs standalone (written weights)", tolerance))
     return result
+

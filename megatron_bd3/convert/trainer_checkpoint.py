@@ -37,7 +37,12 @@ from megatron_bd3.convert.config_map import (
     run_config_model_section,
     standalone_config_from_megatron,
 )
-from megatron_bd3.convert.output import TOKENIZER_METADATA, ConversionResult, staged_output
+from megatron_bd3.convert.model_card import (
+    training_record,
+    write_model_card,
+    write_training_record,
+)
+from megatron_bd3.convert.output import ConversionResult, staged_output
 from megatron_bd3.convert.parity import (
     DEFAULT_TOLERANCE,
     ParityReport,
@@ -171,13 +176,28 @@ def _load_weights(step_dir: Path, model, use_ema: bool, record: dict | None = No
                               f"model its run config describes: {causes}") from None
 
 
+def _rank0_state(directory: Path) -> dict[str, Any] | None:
+    """The trainer components' state saved by rank 0 (None for a weights-only checkpoint)."""
+    rank0 = directory / "ranks" / "rank_00000.pt"
+    if not rank0.is_file():
+        return None
+    return torch.load(rank0, map_location="cpu", weights_only=False, mmap=True)
+
+
+def _consumed_samples(directory: Path) -> int | None:
+    state = _rank0_state(directory) or {}
+    for component in state.values():
+        if isinstance(component, dict) and "consumed_samples" in component:
+            return int(component["consumed_samples"])
+    return None
+
+
 def learned_clip_range(directory: Path, marker: dict[str, Any], run_config
                         ) -> tuple[float, float, str]:
     """(eps_min, eps_max, where from): the trainer state of rank 0 (the clip search result),
     else the marker of a weights-only checkpoint, else the run config's initial range."""
-    rank0 = directory / "ranks" / "rank_00000.pt"
-    if rank0.is_file():
-        state = torch.load(rank0, map_location="cpu", weights_only=False, mmap=True)
+    state = _rank0_state(directory)
+    if state is not None:
         clip = state.get("clip_range")
         if clip is not None:
             return (float(clip["eps_min"]), float(clip["eps_max"]),
@@ -315,15 +335,22 @@ def load_checkpoint_network(
         raise ValueError(f"tokenizer {tok.source} has vocab_size {tok.vocab_size} and mask id "
                          f"{tok.mask_id}; the model has {model_config.vocab_size} and "
                          f"{model_config.mask_token_id}")
+    fingerprint = identity.get("tokenizer_fingerprint")
     config = standalone_config_from_megatron(
         model_config, sampling_eps_min=eps_min, sampling_eps_max=eps_max,
         **_special_ids(tok, marker, _manifest_tokenizer(run_config)),
+        tokenizer_fingerprint=(tok.fingerprint() if tok is not None
+                               else None if fingerprint in (None, "None") else str(fingerprint)),
     )
     tensors = megatron_to_standalone(model.state_dict(), config, model_config.padded_vocab_size)
     network = BD3Network(config)
     network.load_state_dict_strict(tensors, source=str(step_dir))
     info = {"model": model, "step_dir": step_dir, "marker": marker, "notes": notes,
-            "use_ema": use_ema}
+            "use_ema": use_ema,
+            "training_record": training_record(
+                marker, run_config, use_ema=use_ema, clip_range=(eps_min, eps_max),
+                clip_source=clip_source, consumed_samples=_consumed_samples(step_dir),
+                manifest_path=_locate(run_config.data.manifest))}
     return network.eval(), tok, info
 
 
@@ -333,13 +360,15 @@ def checkpoint_to_standalone(
     use_ema: bool | None = None,
     tokenizer: str | Path | None = None,
     *,
+    eval_report: str | Path | None = None,
     check: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int = 0,
     overwrite: bool = False,
 ) -> ConversionResult:
-    """Training checkpoint -> standalone model directory (config.json, model.safetensors,
-    tokenizer files when found).
+    """Training checkpoint -> standalone model directory (config.json with the tokenizer
+    fingerprint, model.safetensors, tokenizer files when found, the training record
+    bd3_training.json and the model card README.md).
 
     Args:
         checkpoint_dir: a step directory, a checkpoint root (`latest`) or a run directory.
@@ -349,6 +378,7 @@ def checkpoint_to_standalone(
         tokenizer: tokenizer directory/file to include (default: the checkpoint's own
             tokenizer/, the run config's data.tokenizer, the data manifest's tokenizer; a
             tokenizer whose fingerprint differs from the run's is refused).
+        eval_report: a bd3-eval result JSON of this model, summarised in the model card.
         check: compare the written model's logits with the megatron model's on a random batch.
     Raises CheckpointError for a torn/corrupted/mismatched checkpoint, MappingError for weights
     that do not fit the recorded model, ParityError when the check fails.
@@ -360,6 +390,9 @@ def checkpoint_to_standalone(
             network.save_pretrained(tmp)
             if tok is not None:
                 tok.save(tmp)
+            write_training_record(tmp, info["training_record"])
+            write_model_card(tmp, network, hugging_face=False, layout="standalone directory",
+                             record=info["training_record"], eval_report=eval_report)
             if check:
                 written = BD3Network.from_pretrained(tmp)
                 result.parity.append(_check_parity_megatron(
@@ -369,14 +402,6 @@ def checkpoint_to_standalone(
 
 
 # ------------------------------------------------------------------------------------ standalone
-
-
-def _standalone_tokenizer(directory: Path):
-    if not (directory / TOKENIZER_METADATA).is_file():
-        return None
-    from megatron_bd3.data import load_tokenizer
-
-    return load_tokenizer(directory)
 
 
 def _run_config_for(standalone: NetworkConfig, run_config, overrides: Sequence[str],
@@ -446,7 +471,9 @@ def standalone_to_checkpoint(
     config = _run_config_for(standalone, run_config, overrides, source)
     notes = [f"run config {config.source}"]
 
-    tokenizer = _standalone_tokenizer(source)
+    from megatron_bd3.convert.hf import model_tokenizer
+
+    tokenizer = model_tokenizer(source, standalone)
     run_tokenizer, note = _find_tokenizer(None, [("data.tokenizer",
                                                   _locate(config.data.tokenizer))], None)
     if tokenizer is not None and run_tokenizer is not None and (

@@ -12,6 +12,14 @@ On disk a tokenizer is a directory written by `BD3Tokenizer.save` (or `bd3-train
     bd3_tokenizer.json                 kind, special ids and tokens, vocab size, fingerprint
 
 `load_tokenizer(path)` accepts such a directory, a bare `.model` file or a bare `tokenizer.json`.
+`find_model_tokenizer(model_dir)` finds the tokenizer of a model directory (in it or in its
+`tokenizer/`) and refuses one whose fingerprint is not the one the model records.
+
+`BD3Tokenizer.save_for_transformers(directory)` adds `tokenizer_config.json` and
+`special_tokens_map.json` (and, for a tokenizers model, `tokenizer.json`) so that Hugging Face
+`AutoTokenizer` loads the same ids (docs/convert.md, "Hugging Face"); a sentencepiece model
+is read there by the class named in `TRANSFORMERS_SENTENCEPIECE_CLASS`, whose file the exporter
+ships beside it.
 
 Literal special-token strings in text ("[MASK]", "<|endoftext|>") are encoded as ordinary text,
 never as the special id: a training document that happens to contain "[MASK]" must not put the
@@ -37,6 +45,10 @@ SENTENCEPIECE_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 METADATA_FORMAT = "megatron_bd3.tokenizer"
 METADATA_VERSION = 1
+TRANSFORMERS_CONFIG_FILE = "tokenizer_config.json"
+TRANSFORMERS_SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+# module.class of the sentencepiece tokenizer for transformers (megatron_bd3/convert/hf_files)
+TRANSFORMERS_SENTENCEPIECE_CLASS = "tokenization_bd3lm.BD3LMTokenizer"
 
 # Special-token spellings looked up, in order, in a tokenizer.json that is loaded without explicit
 # choices. GPT-2 has only <|endoftext|> (BOS = EOS, pad = EOS as in the reference); BERT uses
@@ -180,12 +192,46 @@ class BD3Tokenizer(ABC):
             "version": METADATA_VERSION,
             "model_file": model_file,
             **self.describe(),
+            # the directory travels (exports, checkpoints): name its own file, never the path
+            # it was loaded from; the fingerprint says which tokenizer it is
+            "source": model_file,
             "extra": extra or {},
         }
-        tmp = directory / (METADATA_FILE + ".tmp")
-        tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        tmp.replace(directory / METADATA_FILE)
+        _write_text(directory / METADATA_FILE, json.dumps(metadata, indent=2, sort_keys=True))
         return directory
+
+    def save_for_transformers(self, directory: str | Path) -> list[str]:
+        """Write what Hugging Face ``AutoTokenizer`` reads next to :meth:`save`'s files:
+        ``tokenizer_config.json`` (special tokens, the tokenizer class) and
+        ``special_tokens_map.json``; returns the names written. Literal special-token strings
+        stay text there too (``split_special_tokens``)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tokens = self.special_tokens()
+        special = {f"{role}_token": tokens[role] for role in ("bos", "eos", "pad", "mask", "unk")
+                   if tokens[role] is not None}
+        config = {
+            **self._transformers_class(),
+            **special,
+            "split_special_tokens": True,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000_000,
+            "bd3_tokenizer_fingerprint": self.fingerprint(),
+        }
+        written = [TRANSFORMERS_CONFIG_FILE, TRANSFORMERS_SPECIAL_TOKENS_FILE]
+        _write_text(directory / TRANSFORMERS_CONFIG_FILE, json.dumps(config, indent=2))
+        _write_text(directory / TRANSFORMERS_SPECIAL_TOKENS_FILE, json.dumps(special, indent=2))
+        if not (directory / self._model_file_name()).is_file():
+            written.append(self._write_model(directory))
+        return written
+
+    @abstractmethod
+    def _transformers_class(self) -> dict[str, Any]:
+        """tokenizer_config.json's class entries (``tokenizer_class``, ``auto_map``)."""
+
+    @abstractmethod
+    def _model_file_name(self) -> str:
+        """The model file's name in a saved directory."""
 
     def __repr__(self) -> str:
         return (
@@ -311,6 +357,14 @@ class SentencePieceTokenizer(BD3Tokenizer):
         tmp.replace(directory / SENTENCEPIECE_FILE)
         return SENTENCEPIECE_FILE
 
+    def _model_file_name(self) -> str:
+        return SENTENCEPIECE_FILE
+
+    def _transformers_class(self) -> dict[str, Any]:
+        return {"tokenizer_class": TRANSFORMERS_SENTENCEPIECE_CLASS.split(".")[1],
+                "auto_map": {"AutoTokenizer": [TRANSFORMERS_SENTENCEPIECE_CLASS, None]},
+                "vocab_file": SENTENCEPIECE_FILE}
+
 
 class HFTokenizer(BD3Tokenizer):
     """A Hugging Face `tokenizers` model (tokenizer.json), e.g. GPT-2 or bert-base-uncased.
@@ -418,6 +472,12 @@ class HFTokenizer(BD3Tokenizer):
         tmp.replace(directory / HF_FILE)
         return HF_FILE
 
+    def _model_file_name(self) -> str:
+        return HF_FILE
+
+    def _transformers_class(self) -> dict[str, Any]:
+        return {"tokenizer_class": "PreTrainedTokenizerFast"}
+
 
 # -------------------------------------------------------------------- loading
 def load_sentencepiece(path: str | Path) -> SentencePieceTokenizer:
@@ -520,3 +580,45 @@ def load_tokenizer(path: str | Path) -> BD3Tokenizer:
         f"{path}: unknown tokenizer file type; expected a directory written by "
         f"bd3-train-tokenizer, a sentencepiece .model file or a Hugging Face tokenizer.json"
     )
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` (and a final newline) atomically: a temporary file renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def check_tokenizer_fingerprint(tokenizer: BD3Tokenizer, expected: str | None,
+                                model: str | Path) -> None:
+    """Refuse ``tokenizer`` when the model at ``model`` records another tokenizer fingerprint
+    (its ids would decode to other text). ``expected`` None (an older model) checks nothing."""
+    if expected is not None and tokenizer.fingerprint() != expected:
+        raise TokenizerError(
+            f"tokenizer {tokenizer.source} has fingerprint {tokenizer.fingerprint()[:16]}..., but "
+            f"the model {model} was trained with tokenizer {expected[:16]}...; use the tokenizer "
+            "the model was trained with"
+        )
+
+
+MODEL_TOKENIZER_SUBDIR = "tokenizer"
+
+
+def find_model_tokenizer(model_dir: str | Path, explicit: str | Path | None = None,
+                         expected_fingerprint: str | None = None) -> BD3Tokenizer | None:
+    """The tokenizer of a model directory: ``explicit`` (a tokenizer directory or file), else the
+    one saved in ``model_dir`` or in ``model_dir/tokenizer``, else None. One whose fingerprint is
+    not ``expected_fingerprint`` (what the model's config.json records) is refused
+    (TokenizerError)."""
+    model_dir = Path(model_dir)
+    path = None if explicit is None else Path(explicit)
+    if path is None:
+        for candidate in (model_dir, model_dir / MODEL_TOKENIZER_SUBDIR):
+            if (candidate / METADATA_FILE).is_file():
+                path = candidate
+                break
+    if path is None:
+        return None
+    tokenizer = load_tokenizer(path)
+    check_tokenizer_fingerprint(tokenizer, expected_fingerprint, model_dir)
+    return tokenizer

@@ -89,7 +89,7 @@ def open_source(path: str | Path, *, raw_weights: bool = False, tokenizer: str |
 
 
 def _open_standalone(path: Path, raw_weights: bool, tokenizer, ignore_bos) -> EvalSource:
-    from megatron_bd3.cli.sample import find_tokenizer
+    from megatron_bd3.data.tokenizer import find_model_tokenizer
 
     if raw_weights:
         raise EvalInputError(f"--raw-weights applies to trainer checkpoints; {path} is a "
@@ -98,8 +98,9 @@ def _open_standalone(path: Path, raw_weights: bool, tokenizer, ignore_bos) -> Ev
         config = NetworkConfig.load(path)
     except (OSError, ValueError) as error:
         raise EvalInputError(str(error)) from None
-    try:  # --tokenizer, else the directory's own (in it or in its tokenizer/), as bd3-sample
-        tok = find_tokenizer(path, Path(tokenizer) if tokenizer is not None else None)
+    try:  # --tokenizer, else the directory's own (in it or in its tokenizer/), as bd3-sample;
+        # refused unless it has the fingerprint the model records
+        tok = find_model_tokenizer(path, tokenizer, config.tokenizer_fingerprint)
     except (OSError, ValueError) as error:
         raise EvalInputError(f"the tokenizer of {path}: {error}") from None
     if tok is not None and (tok.vocab_size, tok.mask_id) != (config.vocab_size,
@@ -113,7 +114,8 @@ def _open_standalone(path: Path, raw_weights: bool, tokenizer, ignore_bos) -> Ev
         kind="standalone", path=path, use_ema=False, seq_length=config.seq_length,
         block_size=config.block_size, vocab_size=config.vocab_size,
         mask_token_id=config.mask_token_id, preset=preset, ignore_bos=bool(ignore_bos),
-        tokenizer=tok, tokenizer_fingerprint=tok.fingerprint() if tok is not None else None,
+        tokenizer=tok, tokenizer_fingerprint=(tok.fingerprint() if tok is not None
+                                              else config.tokenizer_fingerprint),
         clip_range=(config.sampling_eps_min, config.sampling_eps_max), network_config=config,
     )
 

@@ -88,6 +88,9 @@ class NetworkConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # sha256 of the tokenizer the model was trained with (BD3Tokenizer.fingerprint): samplers,
+    # evaluation and converters refuse another tokenizer
+    tokenizer_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -189,7 +192,7 @@ def _is_instance(value, expected: type) -> bool:
 
 
 _FIELD_TYPES = {
-    f.name: {"int": int, "float": float, "bool": bool, "int | None": int}[f.type]
+    f.name: {"int": int, "float": float, "bool": bool, "int | None": int, "str | None": str}[f.type]
     for f in dataclasses.fields(NetworkConfig)
 }
 
@@ -579,6 +582,7 @@ class BD3Network(nn.Module):
         tensors = {name: t.detach().to(torch.float32).contiguous().cpu()
                    for name, t in self.state_dict().items()}
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        (directory / WEIGHTS_FILE).chmod(0o644)  # safetensors creates it owner-only (0600)
         return directory
 
     @classmethod

@@ -160,6 +160,9 @@ def export_reference(network: BD3Network, cond_dim: int = 128,
         "sampling_eps_max": config.sampling_eps_max,
         "mask_token_id": config.mask_token_id,
         "torch_dtype": "float32",
+        # the reference's release sets it: its training/eval code indexes the logits tensor
+        "return_dict": False,
+        "tokenizer_fingerprint": config.tokenizer_fingerprint,
     }
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(config, name) is not None:
@@ -261,6 +264,7 @@ def import_reference(tensors: dict[str, torch.Tensor], reference_config: dict,
         bos_token_id=bos_token_id if bos_token_id is not None else cfg.get("bos_token_id"),
         eos_token_id=eos_token_id if eos_token_id is not None else cfg.get("eos_token_id"),
         pad_token_id=pad_token_id if pad_token_id is not None else cfg.get("pad_token_id"),
+        tokenizer_fingerprint=cfg.get("tokenizer_fingerprint"),
     )
 
     t = {k: _f64(v) for k, v in tensors.items()}
@@ -312,6 +316,7 @@ def save_reference(network: BD3Network, directory: str | Path, cond_dim: int = 1
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(reference_config, indent=2) + "\n")
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    (directory / WEIGHTS_FILE).chmod(0o644)  # safetensors creates it owner-only (0600)
     return directory
 
 

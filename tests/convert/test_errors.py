@@ -124,7 +124,7 @@ def test_cli_refuses_bad_combinations_and_non_empty_outputs(trained, tmp_path, c
     with pytest.raises(SystemExit) as info:
         convert_main(["--reference", str(tmp_path), "--to", "checkpoint", "--output", "x"])
     assert info.value.code == 2
-    assert "--reference converts to standalone, not --to checkpoint" in capsys.readouterr().err
+    assert "--reference converts to standalone or hf, not --to checkpoint" in capsys.readouterr().err
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("user data")

@@ -17,6 +17,7 @@ from megatron_bd3.data.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
     TokenizerError,
+    find_model_tokenizer,
     load_tokenizer,
 )
 from megatron_bd3.data.tokenizer_training import SentencePieceOptions, train_sentencepiece
@@ -99,11 +100,26 @@ def test_save_load_and_tampering(tokenizer, tmp_path):
     assert load_tokenizer(directory / METADATA_FILE).fingerprint() == tokenizer.fingerprint()
     meta = json.loads((directory / METADATA_FILE).read_text())
     assert meta["special_ids"]["mask_id"] == 4 and meta["extra"] == {"note": "test"}
+    # the directory travels: it names its own model file, never where it was loaded from
+    assert meta["source"] == SENTENCEPIECE_FILE and str(tmp_path) not in json.dumps(meta)
     # Replace the model with another one: the directory must refuse to load.
     other = train_sentencepiece(lee_documents()[:50], SentencePieceOptions(vocab_size=TINY_VOCAB))
     (directory / SENTENCEPIECE_FILE).write_bytes(other.model_proto)
     with pytest.raises(TokenizerError, match="does not match"):
         load_tokenizer(directory)
+
+
+def test_find_model_tokenizer_checks_the_recorded_fingerprint(tokenizer, tmp_path):
+    model_dir = tmp_path / "model"
+    assert find_model_tokenizer(model_dir) is None  # no tokenizer: ids are shown instead
+    tokenizer.save(model_dir / "tokenizer")
+    found = find_model_tokenizer(model_dir, None, tokenizer.fingerprint())
+    assert found.fingerprint() == tokenizer.fingerprint()
+    assert find_model_tokenizer(model_dir, None, None) is not None  # an older model: no check
+    with pytest.raises(TokenizerError, match=r"fingerprint .* trained with tokenizer 0000"):
+        find_model_tokenizer(model_dir, None, "0" * 64)
+    with pytest.raises(TokenizerError, match="fingerprint"):
+        find_model_tokenizer(tmp_path / "elsewhere", model_dir / "tokenizer", "0" * 64)
 
 
 def test_bad_tokenizer_paths(tmp_path):

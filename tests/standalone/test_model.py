@@ -32,6 +32,17 @@ def test_config_json_round_trip_and_strictness(tmp_path):
         tiny_config(num_query_groups=3)
     with pytest.raises(ValueError, match="config field num_layers must be int, got '2'"):
         tiny_config(num_layers="2")
+    # the tokenizer fingerprint: optional (older directories lack it), a string when given
+    fingerprinted = tiny_config(tokenizer_fingerprint="ab" * 32)
+    fingerprinted.save(tmp_path)
+    assert NetworkConfig.load(tmp_path).tokenizer_fingerprint == "ab" * 32
+    with pytest.raises(ValueError, match="config field tokenizer_fingerprint must be str"):
+        tiny_config(tokenizer_fingerprint=7)
+
+
+def test_saved_weights_are_readable_by_everyone(tmp_path):
+    tiny_network().save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 def test_save_load_round_trip(tmp_path):

@@ -238,8 +238,9 @@ class DeepSpeedStepper:
         # parameters themselves (ZeRO-0 in fp32)
         self._adam = getattr(engine.optimizer, "optimizer", engine.optimizer)
         self._bare = self._adam is engine.optimizer
+        # (`_hp_mapping` is None on a rank whose ZeRO partition holds none of the parameter)
         self.reshardable = self._bare or all(
-            hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None
+            hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
             for c in self.chunks for p in c.parameters() if p.requires_grad)
 
     @property
@@ -351,7 +352,21 @@ class DeepSpeedStepper:
         """Have torch's AdamW create its state (it does so lazily, at the first step) with one
         step of zero gradients at lr 0, which changes no value, then set its step count.
         ZeRO 1/2 and the bf16 optimizer then map the new state to the parameters' fragments
-        (what their first real step would do)."""
+        (what their first real step would do); ZeRO-3 hands its flat fp32 partitions to the
+        optimizer only around a step, and does so here too."""
+        wrapper = self.engine.optimizer
+        if hasattr(wrapper, "_set_fp32_optimizer_param_groups"):  # ZeRO-3
+            wrapper._set_fp32_optimizer_param_groups()
+        try:
+            self._zero_step(step)
+        finally:
+            if hasattr(wrapper, "_clear_fp32_optimizer_param_groups"):
+                wrapper._clear_fp32_optimizer_param_groups()
+        link = getattr(wrapper, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO 1/2, bf16
+        if link is not None:
+            link()
+
+    def _zero_step(self, step: int) -> None:
         flat = [p for group in self._adam.param_groups for p in group["params"]]
         saved_lr = [group["lr"] for group in self._adam.param_groups]
         saved_grads = [p.grad for p in flat]
@@ -366,9 +381,6 @@ class DeepSpeedStepper:
             group["lr"] = lr
         for p in flat:
             self._adam.state[p]["step"].fill_(step)
-        link = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-        if link is not None:
-            link()
 
     def gathered_parameters(self) -> contextlib.AbstractContextManager:
         if self.zero_stage != 3:

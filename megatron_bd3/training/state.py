@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_bd3.checkpoint.rng import capture_rng_state, restore_rng_state, step_seed
-from megatron_bd3.parallel import seed_all_rngs
 from megatron_bd3.diffusion import ClipRange
+from megatron_bd3.parallel import seed_all_rngs
 
 
 @dataclass

@@ -108,10 +108,8 @@ class Trainer:
             for reason in skipped:
                 logger.warning(f"checkpoint.resume=auto skips a checkpoint that is not intact: "
                                f"{reason}")
-        self.layout_change = None
-        if self.resume_dir is not None:
-            self.layout_change = layout_change(resume_marker, self._record())
-        if self.layout_change is not None:
+        change = None if self.resume_dir is None else layout_change(resume_marker, self._record())
+        if change is not None:
             # an elastic resume: the weights come resharded from the checkpoint's model/ before
             # the optimizer is built (it takes its master copy from them); the optimizer state
             # and the rest follow in load_training_state

@@ -7,15 +7,16 @@ also holds `reshardable/`, a megatron-core dist_checkpointing save of, per train
     optimizer.<key>.<param key>   the optimizer state (fp32 master weights `fp32_param`, Adam's
                                   `exp_avg`, `exp_avg_sq`) of this rank's TP/PP shard of the
                                   parameter, whole over data parallel (ZeRO partitions joined)
-    <component>.<param key>       a component sharded like the parameters (the EMA shadows)
+    <component>.value.<param key> a component sharded like the parameters (the EMA shadows)
     common                        the optimizer's replicated values (Adam's step count) and the
                                   sharded components' (EMA decay and update count)
 
 Each tensor is described by the model's own `sharded_state_dict()` entry for its parameter
 (`make_sharded_optimizer_tensor`: same global offsets, TP partition dim and replica ids), so
 dist_checkpointing reshards it to any TP/PP/VPP layout, like the weights in `model/`. Joining and
-splitting the ZeRO partitions is DeepSpeed's own tensor-fragment API (the Stepper's
-`full_optimizer_state` / `load_full_optimizer_state`).
+splitting the ZeRO partitions of the optimizer state is DeepSpeed's own tensor-fragment API (the
+Stepper's `full_optimizer_state` / `load_full_optimizer_state`); the EMA, which keeps its ZeRO-3
+shadows in DeepSpeed's partition layout, joins and splits them itself (training.ema).
 
 DeepSpeed's universal checkpoints (ds_to_universal + load_universal_checkpoint) would do the ZeRO
 part too, but they do not fit these models: they name a parameter by its module path inside one

@@ -2,7 +2,9 @@
 
 atomic    temporary directory -> fsync -> complete.json marker -> rename -> `latest`
 rng       every RNG state of a rank (python, numpy, torch CPU/CUDA, megatron tracker)
-manager   save/load a training run; load weights into a different TP/PP layout
+manager   save/load a training run, in its own layout or onto another (elastic resume); load
+          weights into a different TP/PP layout
+reshard   the layout-independent optimizer and EMA state an elastic resume loads
 """
 
 from megatron_bd3.checkpoint.atomic import CheckpointError, read_latest, verify_checkpoint

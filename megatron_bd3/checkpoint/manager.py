@@ -11,11 +11,15 @@ A checkpoint directory `step_XXXXXXXX/` holds:
     model/  ema/           layout-independent weights and EMA weights: megatron-core
                            dist_checkpointing (sharded_state_dict with global layer offsets and
                            TP partition dims), so they load into a different TP/PP/VPP layout
+    reshardable/           the optimizer state and the EMA shadows the same way (reshard.py)
 
-Resume (`load_training_state`) needs the same layout and the same model identity (shape
-fields, vocabulary, sequence length, block size) and refuses otherwise, saying how to start a new
-run from the weights instead (`checkpoint.init_from`, `load_model_weights`). Everything is
-verified (marker, sizes, checksums) before the first tensor is read.
+Resume (`load_training_state`) needs the same model identity (shape fields, vocabulary, sequence
+length, block size) and optimizer backend. In the same layout it restores the stepper's own state
+and every rank's file exactly. In another layout (DP size, TP, PP/VPP, ZeRO stage: an elastic
+resume, `layout_change`) it loads the weights from model/ (the trainer does, before the optimizer
+is built), the optimizer state and sharded components from reshardable/, the replicated
+components from rank 0's file, and has the per-rank ones re-derived (see reshard.py).
+Everything is verified (marker, sizes, checksums) before the first tensor is read.
 
 The manager knows no component by name: whatever has `state_dict()`/`load_state_dict()` goes in a
 rank file, and a resume refuses a checkpoint whose component names differ from the run's (e.g.
@@ -44,6 +48,14 @@ from megatron_bd3.checkpoint.atomic import (
     read_latest,
     resume_candidates,
     verify_distributed,
+)
+from megatron_bd3.checkpoint.reshard import (
+    RESHARDABLE_DIR,
+    RESHARDABLE_LAYOUT_KEYS,
+    describe_layout,
+    layout_rule,
+    load_reshardable,
+    save_reshardable,
 )
 from megatron_bd3.checkpoint.rng import capture_rng_state, restore_rng_state
 from megatron_bd3.parallel import apply_cpu_compat
@@ -125,7 +137,9 @@ def save_training_state(
 
     `stepper` (a megatron_bd3.training.parallelize.Stepper) saves the optimizer and module state;
     every component's state_dict() goes into this rank's file; `ema`, when given, also writes the
-    EMA weights as layout-independent weights. `record` goes into complete.json: at least
+    EMA weights as layout-independent weights. With `layout_independent`, the weights and, where
+    the stepper can give it, the optimizer and sharded-component state are also written for an
+    elastic resume (reshard.py). `record` goes into complete.json: at least
     {"layout": {...}, "model": {...}}.
     """
     root = Path(root)
@@ -156,7 +170,14 @@ def save_training_state(
         if ema is not None:
             with ema.swap_in(), stepper.gathered_parameters():
                 save_model_weights(tmp / "ema", chunks)
-    record = {**record, "layout_independent": has_sharded, "has_ema": ema is not None}
+    reshardable = None
+    if has_sharded and stepper.reshardable:
+        sharded = {name: c for name, c in components.items()
+                   if getattr(c, "layout_rule", None) == "sharded"}
+        reshardable = save_reshardable(tmp / RESHARDABLE_DIR, stepper=stepper,
+                                       sharded_components=sharded)
+    record = {**record, "layout_independent": has_sharded, "has_ema": ema is not None,
+              "reshardable": reshardable}
     final = finish_save(root, tmp, step, record)
     prune(root, keep_last, protect=final)
     restore_rng_state(guard)
@@ -235,8 +256,18 @@ def _compare(kind: str, saved: dict[str, Any], current: dict[str, Any], keys, di
         raise CheckpointError(f"{directory}: {kind} differs from this run ({'; '.join(problems)})")
 
 
+def layout_change(marker: dict[str, Any], record: dict[str, Any]) -> str | None:
+    """None when the checkpoint was written in this run's layout; else "old -> new" (an elastic
+    resume, see reshard.py)."""
+    saved, current = marker.get("layout", {}), record.get("layout", {})
+    if all(saved.get(key) == current.get(key) for key in LAYOUT_KEYS):
+        return None
+    return f"{describe_layout(saved)} -> {describe_layout(current)}"
+
+
 def check_compatible(marker: dict[str, Any], record: dict[str, Any], directory: Path) -> None:
-    """Refuse a resume whose model identity or parallel layout differs from this run."""
+    """Refuse a resume whose model identity or optimizer backend differs from this run, or whose
+    layout differs when the checkpoint has no layout-independent training state."""
     _compare(
         "model",
         marker.get("model", {}),
@@ -244,15 +275,20 @@ def check_compatible(marker: dict[str, Any], record: dict[str, Any], directory: 
         sorted(set(marker.get("model", {})) | set(record.get("model", {}))),
         directory,
     )
+    _compare("layout", marker.get("layout", {}), record.get("layout", {}),
+             ("optimizer_backend",), directory)
+    if layout_change(marker, record) is None or marker.get("reshardable"):
+        return
     try:
-        _compare(
-            "layout", marker.get("layout", {}), record.get("layout", {}), LAYOUT_KEYS, directory
-        )
+        _compare("layout", marker.get("layout", {}), record.get("layout", {}),
+                 RESHARDABLE_LAYOUT_KEYS, directory)
     except CheckpointError as exc:
         raise CheckpointError(
-            f"{exc}. Resuming needs the same layout (optimizer state is partitioned by it); "
-            f"to continue from these weights in a new layout set checkpoint.init_from={directory} "
-            f"and checkpoint.resume=none (weights and EMA are resharded, the optimizer restarts)"
+            f"{exc}. This checkpoint has no layout-independent optimizer state "
+            f"(checkpoint.save_layout_independent was false, or the optimizer backend cannot give "
+            f"it), so it resumes only in its own layout; to continue from its weights in a new "
+            f"layout set checkpoint.init_from={directory} and checkpoint.resume=none (weights and "
+            f"EMA are resharded, the optimizer restarts)"
         ) from None
 
 
@@ -295,17 +331,23 @@ def load_training_state(
     record: dict[str, Any],
     marker: dict[str, Any] | None = None,
 ) -> None:
-    """Restore the stepper's optimizer and module state and every component's state.
+    """Restore the stepper's optimizer and module state and every component's state; returns
+    None in the same layout, else one line saying what was resharded, carried and re-derived.
 
     The component names must be those the checkpoint was saved with (a missing or extra one is
-    refused by name). Components load in the order given.
+    refused by name). Components load in the order given. In another layout (layout_change) the
+    model weights must already be in the chunks (load_model_weights before the stepper was
+    built); the rest follows each component's layout_rule (reshard.py).
     """
     directory = Path(directory)
     if marker is None:  # else: verified and checked by the caller (see check_resumable)
         marker = verify_distributed(directory)
         check_compatible(marker, record, directory)
     refuse_unresumable(marker, directory)
-    rank_file = directory / "ranks" / f"rank_{_rank():05d}.pt"
+    change = layout_change(marker, record)
+    # in another layout this rank may have no file of its own: the replicated components are
+    # the same in every rank's file, rank 0's is used
+    rank_file = directory / "ranks" / f"rank_{0 if change else _rank():05d}.pt"
     if not rank_file.is_file():
         raise CheckpointError(f"{directory}: {rank_file.name} is missing")
     per_rank = torch.load(rank_file, map_location="cpu", weights_only=False)
@@ -317,9 +359,29 @@ def load_training_state(
             f"run: {sorted(saved - wanted)}); e.g. training.ema_decay must be on in both or off "
             "in both"
         )
-    stepper.load_state(directory / OPTIMIZER_DIR)
+    if change is None:
+        stepper.load_state(directory / OPTIMIZER_DIR)
+        for name, component in components.items():
+            component.load_state_dict(per_rank[name])
+        return None
+    rules = {name: layout_rule(name, component) for name, component in components.items()}
+    sharded = {name: components[name] for name, rule in rules.items() if rule == "sharded"}
+    load_reshardable(directory / RESHARDABLE_DIR, stepper=stepper, sharded_components=sharded,
+                     saved=marker["reshardable"])
+    step = int(marker["step"])
     for name, component in components.items():
-        component.load_state_dict(per_rank[name])
+        if rules[name] == "replicated":
+            component.load_state_dict(per_rank[name])
+        elif rules[name] == "per_rank":
+            component.rederive(step)
+    saved_keys = ", ".join(marker["reshardable"]["optimizer_keys"]) or "none yet"
+
+    def named(rule):
+        return ", ".join(name for name, r in rules.items() if r == rule) or "none"
+
+    return (f"layout {change}: resharded weights, optimizer state ({saved_keys}; step count) "
+            f"and {named('sharded')}; carried {named('replicated')}; re-derived {named('per_rank')}"
+            f" from (training.seed, step {step}): per-rank streams cannot follow a layout change")
 
 
 def load_model_weights(

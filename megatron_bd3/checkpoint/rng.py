@@ -8,6 +8,7 @@ PP stages in every seed.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from typing import Any
 
@@ -46,3 +47,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         from megatron.core import tensor_parallel
 
         tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A seed derived from (seed, step), for RNG streams re-derived at an elastic resume."""
+    digest = hashlib.sha256(f"megatron_bd3 rng {seed} {step}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")

@@ -129,6 +129,10 @@ class BD3DataLoader:
             the batch tensors (for CUDA hosts).
     """
 
+    # its state is the same on every rank and loads into any layout at a global-batch boundary
+    # (load_state_dict), which is how a checkpoint carries it across a layout change
+    layout_rule = "replicated"
+
     def __init__(
         self,
         manifest_path_or_dir: str | Path,

@@ -28,6 +28,7 @@ from megatron_bd3.parallel.runtime import (
     initialize_parallel,
     parallel_info,
     parallel_runtime,
+    seed_all_rngs,
 )
 
 __all__ = [
@@ -46,4 +47,5 @@ __all__ = [
     "log_kernel_choice",
     "parallel_info",
     "parallel_runtime",
+    "seed_all_rngs",
 ]

@@ -270,7 +270,7 @@ def _init_process_group(launch: LaunchEnv, backend: str, timeout: timedelta) -> 
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
-def _seed_all(seed: int) -> None:
+def seed_all_rngs(seed: int) -> None:
     """Seed python, numpy and torch, then megatron's model-parallel tracker (Megatron-LM order)."""
     from megatron.core import tensor_parallel
 
@@ -338,7 +338,7 @@ def initialize_parallel(
         )
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         seed = cfg.seed + PIPELINE_SEED_STRIDE * pp_rank
-        _seed_all(seed)
+        seed_all_rngs(seed)
         info = ParallelInfo(
             rank=dist.get_rank(),
             world_size=dist.get_world_size(),

@@ -179,7 +179,8 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | none | <checkpoint dir>
     init_from: Optional[str] = None  # load model weights only (new layout ok), e.g. MDLM -> BD3
     init_from_ema: bool = True  # take the EMA weights of init_from (the released weights are EMA)
-    save_layout_independent: bool = True  # also write the resharding-friendly model state
+    # also write the layout-independent weights and training state (elastic resume, init_from)
+    save_layout_independent: bool = True
 
 
 @dataclass

@@ -29,6 +29,28 @@ def _storage(param: torch.nn.Parameter) -> torch.Tensor:
     return ds_tensor if ds_tensor is not None else param.data
 
 
+def _zero3_full(param: torch.nn.Parameter, partition: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a ZeRO-3 parameter from this rank's `partition` of it (a tensor laid
+    out like `param.ds_tensor`): all-gathered over the parameter's data-parallel group, DeepSpeed's
+    layout (equal flat pieces in rank order, the last one padded)."""
+    import torch.distributed as dist
+
+    group = getattr(param, "ds_process_group", None)
+    parts = [torch.empty_like(partition) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, partition.contiguous(), group=group)
+    return torch.cat([t.reshape(-1) for t in parts])[: param.ds_numel].view(param.ds_shape)
+
+
+def _zero3_partition(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of `full` in `param.ds_tensor`'s layout (the inverse of _zero3_full)."""
+    import torch.distributed as dist
+
+    size = param.ds_tensor.numel()
+    start = dist.get_rank(getattr(param, "ds_process_group", None)) * size
+    flat = full.reshape(-1)[start:start + size]
+    return torch.nn.functional.pad(flat, (0, size - flat.numel()))
+
+
 @torch.no_grad()
 def _refresh_gathered_zero3(params) -> None:
     """Re-assemble the full value of ZeRO-3 parameters that are currently gathered.
@@ -38,18 +60,11 @@ def _refresh_gathered_zero3(params) -> None:
     (`ds_tensor`) changed -- EMA swapped in or out -- the full tensor is rebuilt from the
     partitions of the parameter's data-parallel group.
     """
-    import torch.distributed as dist
-
     for p in params:
         ds_tensor = getattr(p, "ds_tensor", None)
         if ds_tensor is None or p.data.numel() != getattr(p, "ds_numel", -1):
             continue  # not ZeRO-3, or released: the next forward gathers from ds_tensor
-        group = getattr(p, "ds_process_group", None)
-        world = dist.get_world_size(group)
-        parts = [torch.empty_like(ds_tensor) for _ in range(world)]
-        dist.all_gather(parts, ds_tensor.contiguous(), group=group)
-        full = torch.cat([t.reshape(-1) for t in parts])[: p.ds_numel]
-        p.data.copy_(full.view(p.data.shape).to(p.data.dtype))
+        p.data.copy_(_zero3_full(p, ds_tensor).view(p.data.shape).to(p.data.dtype))
 
 
 _EMA_GROUP = 32  # parameters per multi-tensor EMA update
@@ -61,7 +76,13 @@ def warmup_decay(decay: float, num_updates: int) -> float:
 
 
 class ExponentialMovingAverage:
-    """EMA of named parameters. `params` are (name, parameter) pairs, e.g. `named_parameters()`."""
+    """EMA of named parameters. `params` are (name, parameter) pairs, e.g. `named_parameters()`.
+
+    A checkpoint stores each rank's shadows (state_dict); for a resume onto another layout the
+    shadows travel whole over data parallel, sharded like the parameters (`full_tensors` /
+    `load_full_tensors`, checkpoint.reshard)."""
+
+    layout_rule = "sharded"
 
     def __init__(self, params: Iterable[tuple[str, torch.nn.Parameter]], decay: float = 0.9999):
         if not 0.0 <= decay < 1.0:
@@ -113,6 +134,30 @@ class ExponentialMovingAverage:
                 for name, p in self.params.items():
                     _storage(p).copy_(backup[name])
                 _refresh_gathered_zero3(self.params.values())
+
+    @torch.no_grad()
+    def full_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """({name: shadow whole over data parallel, shaped like the parameter}, the replicated
+        values). Collective over data parallel under ZeRO-3."""
+        full = {
+            name: _zero3_full(p, self.shadow[name]) if hasattr(p, "ds_tensor")
+            else self.shadow[name].clone()
+            for name, p in self.params.items()
+        }
+        return full, {"decay": self.decay, "num_updates": self.num_updates}
+
+    @torch.no_grad()
+    def load_full_tensors(self, full: dict[str, torch.Tensor], meta: dict) -> None:
+        """The inverse of full_tensors, into this run's layout."""
+        if set(full) != set(self.shadow):
+            raise ValueError(f"EMA state does not match the model: missing "
+                             f"{sorted(set(self.shadow) - set(full))[:5]}, unexpected "
+                             f"{sorted(set(full) - set(self.shadow))[:5]}")
+        for name, p in self.params.items():
+            value = _zero3_partition(p, full[name]) if hasattr(p, "ds_tensor") else full[name]
+            self.shadow[name].copy_(value.view_as(self.shadow[name]))
+        self.decay = float(meta["decay"])
+        self.num_updates = int(meta["num_updates"])
 
     def state_dict(self) -> dict:
         return {

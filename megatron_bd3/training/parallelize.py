@@ -45,6 +45,8 @@ DS_TAG = "state"
 # over DP only, like the DeepSpeed state); megatron-core 0.16's default "fully_sharded_model_space"
 # builds flattened ShardedTensors its own dist_checkpointing refuses (measured on an H100).
 MEGATRON_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# Adam's moments as torch's AdamW names them in its state.
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 class Stepper(Protocol):
@@ -52,6 +54,7 @@ class Stepper(Protocol):
 
     backend: str  # "deepspeed" | "megatron"
     zero_stage: int | None  # DeepSpeed's ZeRO stage; None for megatron's optimizer
+    reshardable: bool  # gives its optimizer state per parameter (full_optimizer_state)
 
     @property
     def chunks(self) -> list[torch.nn.Module]:
@@ -75,6 +78,19 @@ class Stepper(Protocol):
         """Optimizer and module state for an exact resume in this layout."""
 
     def load_state(self, directory: Path) -> None: ...
+
+    def full_optimizer_state(
+        self, params: dict[str, torch.nn.Parameter]
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """Per parameter, its fp32 optimizer state whole over data parallel ({name: {key:
+        tensor shaped like the parameter}}), and the replicated values ({"step": n}); for an
+        elastic resume (checkpoint.reshard). Collective over data parallel."""
+
+    def load_full_optimizer_state(
+        self, params: dict[str, torch.nn.Parameter], states: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> None:
+        """The inverse of full_optimizer_state, into this (other) layout."""
 
     def gathered_parameters(self) -> contextlib.AbstractContextManager:
         """Full parameters inside the block (ZeRO-3 gathers its partitions)."""
@@ -217,6 +233,15 @@ class DeepSpeedStepper:
         self.mpu = engine.mpu
         self.zero_stage = int(engine.zero_optimization_stage())
         self._finalize_grads = finalize_grads
+        # torch's AdamW: wrapped by ZeRO 1-3 / the bf16 optimizer (as `.optimizer`, over flat fp32
+        # partitions that DeepSpeed's tensor-fragment API maps to parameters), or bare on the
+        # parameters themselves (ZeRO-0 in fp32)
+        self._adam = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        self._bare = self._adam is engine.optimizer
+        # (`_hp_mapping` is None on a rank whose ZeRO partition holds none of the parameter)
+        self.reshardable = self._bare or all(
+            hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+            for c in self.chunks for p in c.parameters() if p.requires_grad)
 
     @property
     def chunks(self) -> list[torch.nn.Module]:
@@ -278,6 +303,85 @@ class DeepSpeedStepper:
         if path is None:
             raise CheckpointError(f"{directory}: DeepSpeed found no engine state under {DS_TAG}")
 
+    def _adam_step(self) -> int:
+        """Adam's step count (0 before the first step, when its state does not exist yet)."""
+        steps = {float(state["step"]) for state in self._adam.state.values() if "step" in state}
+        if len(steps) > 1:
+            raise RuntimeError(f"Adam's step counts differ between parameter groups: {steps}")
+        return int(steps.pop()) if steps else 0
+
+    def full_optimizer_state(self, params):
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        step = self._adam_step()
+        moments = MOMENT_KEYS if step > 0 else ()
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        for name, p in params.items():
+            if self._bare:
+                state = self._adam.state[p] if moments else {}
+                states[name] = {"fp32_param": p.detach().float().clone(),
+                                **{key: state[key].detach().clone() for key in moments}}
+            else:  # collective over the parameter's data-parallel group
+                states[name] = {"fp32_param": safe_get_full_fp32_param(p),
+                                **{key: safe_get_full_optimizer_state(p, key) for key in moments}}
+        return states, {"step": step}
+
+    def load_full_optimizer_state(self, params, states, common):
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        step = int(common["step"])
+        if step > 0:
+            self._materialise_adam_state(step)
+        for name, p in params.items():
+            values = states[name]
+            if self._bare:
+                with torch.no_grad():
+                    p.copy_(values["fp32_param"].to(p.dtype))
+                for key in MOMENT_KEYS if step > 0 else ():
+                    self._adam.state[p][key].copy_(values[key])
+                continue
+            safe_set_full_fp32_param(p, values["fp32_param"])
+            for key in MOMENT_KEYS if step > 0 else ():
+                safe_set_full_optimizer_state(p, values[key], key)
+        # DeepSpeed's own counters, as its checkpoint would restore them (not used by the update)
+        self.engine.global_steps = step
+        self.engine.global_samples = step * self.engine.train_batch_size()
+
+    @torch.no_grad()
+    def _materialise_adam_state(self, step: int) -> None:
+        """Have torch's AdamW create its state (it does so lazily, at the first step) with one
+        step of zero gradients at lr 0, which changes no value, then set its step count.
+        ZeRO 1/2 and the bf16 optimizer then map the new state to the parameters' fragments
+        (what their first real step would do); ZeRO-3 hands its flat fp32 partitions to the
+        optimizer only around a step, and does so here too."""
+        wrapper = self.engine.optimizer
+        if hasattr(wrapper, "_set_fp32_optimizer_param_groups"):  # ZeRO-3
+            wrapper._set_fp32_optimizer_param_groups()
+        try:
+            self._zero_step(step)
+        finally:
+            if hasattr(wrapper, "_clear_fp32_optimizer_param_groups"):
+                wrapper._clear_fp32_optimizer_param_groups()
+        link = getattr(wrapper, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO 1/2, bf16
+        if link is not None:
+            link()
+
+    def _zero_step(self, step: int) -> None:
+        flat = [p for group in self._adam.param_groups for p in group["params"]]
+        saved_lr = [group["lr"] for group in self._adam.param_groups]
+        saved_grads = [p.grad for p in flat]
+        for group in self._adam.param_groups:
+            group["lr"] = 0.0
+        for p in flat:
+            p.grad = torch.zeros_like(p)
+        self._adam.step()
+        for p, grad in zip(flat, saved_grads, strict=True):
+            p.grad = grad
+        for group, lr in zip(self._adam.param_groups, saved_lr, strict=True):
+            group["lr"] = lr
+        for p in flat:
+            self._adam.state[p]["step"].fill_(step)
+
     def gathered_parameters(self) -> contextlib.AbstractContextManager:
         if self.zero_stage != 3:
             return contextlib.nullcontext()
@@ -323,6 +427,9 @@ class MegatronStepper:
 
     backend = "megatron"
     zero_stage = None
+    # its resume is refused altogether (checkpoint.manager.refuse_unresumable), so it gives no
+    # layout-independent optimizer state either
+    reshardable = False
 
     def __init__(self, wrapped: list[torch.nn.Module], optimizer) -> None:
         self._wrapped = wrapped  # megatron DDP around each chunk

@@ -31,7 +31,7 @@ from megatron_bd3.checkpoint import (
     resolve_resume,
     save_training_state,
 )
-from megatron_bd3.checkpoint.manager import select_resume
+from megatron_bd3.checkpoint.manager import layout_change, select_resume
 from megatron_bd3.data import BD3DataLoader, load_manifest, load_tokenizer
 from megatron_bd3.model import forward_step
 from megatron_bd3.parallel import all_reduce_host, destroy_parallel
@@ -108,7 +108,13 @@ class Trainer:
             for reason in skipped:
                 logger.warning(f"checkpoint.resume=auto skips a checkpoint that is not intact: "
                                f"{reason}")
-        if self.resume_dir is None and cfg.checkpoint.init_from:
+        change = None if self.resume_dir is None else layout_change(resume_marker, self._record())
+        if change is not None:
+            # an elastic resume: the weights come resharded from the checkpoint's model/ before
+            # the optimizer is built (it takes its master copy from them); the optimizer state
+            # and the rest follow in load_training_state
+            load_model_weights(self.resume_dir, chunks, record={"model": self.identity})
+        elif self.resume_dir is None and cfg.checkpoint.init_from:
             self._init_from(chunks, cfg.checkpoint.init_from)
         self.stepper = par.parallelize(
             cfg, self.model_config, chunks, environment=self.env,
@@ -123,17 +129,19 @@ class Trainer:
         # what a checkpoint carries besides the stepper's own state
         self.state = TrainerState(global_batch_size=t.global_batch_size)
         self.clip = ClipRangeState(self.model_config.clip_range)
-        self.rng = RNGState()
+        self.rng = RNGState(seed=self.info.seed)
         self.components = {"trainer": self.state, "clip_range": self.clip,
                            "loader": self.train_loader, "rng": self.rng}
         if self.ema is not None:
             self.components["ema"] = self.ema
         if self.resume_dir is not None:
-            load_training_state(self.resume_dir, stepper=self.stepper,
-                                components=self.components, record=self._record(),
-                                marker=resume_marker)
+            resharded = load_training_state(self.resume_dir, stepper=self.stepper,
+                                            components=self.components, record=self._record(),
+                                            marker=resume_marker)
             self._log0(f"resumed from {self.resume_dir} at step {self.state.step} (clip range "
                        f"[{self.clip.value.eps_min}, {self.clip.value.eps_max}])")
+            if resharded is not None:
+                self._log0(f"elastic resume: {resharded}")
         self._setup_metrics()
 
     def _build_loaders(self) -> None:

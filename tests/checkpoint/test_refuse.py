@@ -10,6 +10,7 @@ from megatron_bd3.checkpoint import CheckpointError, load_model_weights, verify_
 from megatron_bd3.checkpoint.manager import (
     check_compatible,
     check_resumable,
+    layout_change,
     refuse_unresumable,
 )
 from tests.checkpoint.conftest import TRAIN_ITERS, resume_config
@@ -33,6 +34,9 @@ def test_real_checkpoint_verifies_and_records_layout_and_model(trained_run, tmp_
     assert marker["layout_independent"] and marker["has_ema"]
     assert any(name.startswith("optimizer/state/") for name in marker["files"])  # DeepSpeed
     assert any(name.startswith("model/") for name in marker["files"])
+    assert any(name.startswith("reshardable/") for name in marker["files"])
+    assert marker["reshardable"] == {"components": ["ema"],
+                                     "optimizer_keys": ["exp_avg", "exp_avg_sq", "fp32_param"]}
     assert "ranks/rank_00001.pt" in marker["files"]
 
 
@@ -59,9 +63,23 @@ def test_mismatched_model_or_layout_is_refused(trained_run, tmp_path):
         wrong = {"model": {**record["model"], key: value}, "layout": record["layout"]}
         with pytest.raises(CheckpointError, match=f"{key}: checkpoint .* != run {value}"):
             check_compatible(marker, wrong, ckpt)
-    wrong = {"model": record["model"], "layout": {**record["layout"], "dp": 1, "tp": 2}}
-    with pytest.raises(CheckpointError, match="checkpoint.init_from="):
-        check_compatible(marker, wrong, ckpt)
+    # another layout is an elastic resume (test_elastic_resume.py) ...
+    other = {"model": record["model"], "layout": {**record["layout"], "dp": 1, "tp": 2}}
+    check_compatible(marker, other, ckpt)
+    assert layout_change(marker, other) == "TP 1 PP 1 DP 2 ZeRO-2 -> TP 2 PP 1 DP 1 ZeRO-2"
+    assert layout_change(marker, record) is None
+    # ... only with the layout-independent optimizer state, and never onto another backend
+    without = {**marker, "reshardable": None}
+    with pytest.raises(CheckpointError, match=r"layout differs from this run \(tp: checkpoint 1 "
+                                              r"!= run 2; dp: checkpoint 2 != run 1\)\. This "
+                                              r"checkpoint has no layout-independent optimizer "
+                                              r"state.*checkpoint.init_from="):
+        check_compatible(without, other, ckpt)
+    backend = {"model": record["model"],
+               "layout": {**record["layout"], "optimizer_backend": "megatron"}}
+    with pytest.raises(CheckpointError, match="optimizer_backend: checkpoint 'deepspeed' != run "
+                                              "'megatron'"):
+        check_compatible(marker, backend, ckpt)
 
     # weights-only loading checks the tensor shapes' config before touching any model
     other = {"model": {**record["model"], "hidden_size": 64}}

@@ -55,6 +55,8 @@ from torch import Tensor
 
 from megatron_bd3.diffusion import nelbo_from_token_nll
 from megatron_bd3.model.config import BD3Config
+from megatron_bd3.model.keyed_dropout import BD3BiasDropoutAdd, KeyedDropout
+from megatron_bd3.model.keyed_init import initialize_keyed
 from megatron_bd3.model.layer_spec import get_bd3_block_spec, get_bd3_layer_spec
 from megatron_bd3.model.self_attention import BD3SelfAttention
 
@@ -132,6 +134,10 @@ class BD3Model(LanguageModule):
             )
             if config.embedding_dropout is not None:
                 self.embedding.embedding_dropout.p = config.embedding_dropout
+            if config.dropout_rng == "keyed":
+                self.embedding.embedding_dropout = KeyedDropout(
+                    self.embedding.embedding_dropout.p, config.sequence_parallel
+                )
 
         # Every stage applies RoPE inside its attention layers, so every stage has the table.
         self.rotary_pos_emb = None
@@ -175,6 +181,14 @@ class BD3Model(LanguageModule):
                 and self.share_embeddings_and_output_weights,
                 tp_group=self.pg_collection.tp,
             )
+
+        for layer in self.decoder.layers:  # spec leaves are built without their layer number
+            for bda in (layer.self_attn_bda, layer.mlp_bda):
+                if isinstance(bda, BD3BiasDropoutAdd):
+                    bda.bind_layer(layer.layer_number)
+        if config.init_rng == "keyed":
+            # before the tied output copy of the last stage is synced from the embedding
+            initialize_keyed(self, config, self.pg_collection.tp.rank(), tp_size)
 
         if self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()

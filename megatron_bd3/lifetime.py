@@ -4,9 +4,15 @@ A run is a tree: launcher agent (torchrun, DeepSpeed's launch) -> ranks -> their
 loader workers; the Manager process megatron's checkpoint writer starts with "spawn"). When a
 parent dies without cleaning up (SIGKILL, OOM killer, a lost node), nothing ends its children:
 torchrun starts its ranks in sessions of their own, so killing the launcher's process group
-leaves them training, and a killed rank's children idle on forever. `exit_with_parent` gives a
+leaves them training, and a killed rank's children idle on forever (or hang: a checkpoint
+writer process forked mid-save blocks flushing its result queue). `exit_with_parent` gives a
 process a watchdog thread that ends it as soon as its parent is gone (it polls os.getppid(),
 which changes when the parent dies and the process is re-parented).
+
+Who calls it: bd3-train and bd3-eval ranks started by a launcher agent (`launched_by_agent`);
+every child a rank forks from Python (`children_exit_with_this_process`: data-loader workers,
+megatron's checkpoint writers); children started with "spawn" whose main module is the CLI's
+(the Manager of megatron's checkpoint writer); BD3DataLoader's workers in any program.
 
 Not PR_SET_PDEATHSIG: Linux sends that signal when the parent *thread* that forked the child
 exits, so a process started from a short-lived thread of its launcher would be killed while its
@@ -25,6 +31,7 @@ POLL_INTERVAL_S = 0.5
 ORPHAN_EXIT_CODE = 143  # as if terminated by SIGTERM (128 + 15)
 
 _watching_pid: int | None = None  # the process whose watchdog runs (not inherited by a fork)
+_fork_hook_registered = False  # inherited by a fork, as the registration itself is
 
 
 def launched_by_agent() -> bool:
@@ -55,6 +62,16 @@ def exit_with_parent(message: str | None = None, poll_interval: float = POLL_INT
         os._exit(ORPHAN_EXIT_CODE)
 
     threading.Thread(target=watch, name="bd3-exit-with-parent", daemon=True).start()
+
+
+def children_exit_with_this_process() -> None:
+    """Every child this process forks from Python (multiprocessing's "fork", os.fork) starts
+    with the watchdog of `exit_with_parent`. subprocess and "spawn" children are not forks of
+    the interpreter and are not covered."""
+    global _fork_hook_registered
+    if not _fork_hook_registered:
+        _fork_hook_registered = True
+        os.register_at_fork(after_in_child=exit_with_parent)
 
 
 def exit_with_parent_worker(worker_id: int) -> None:

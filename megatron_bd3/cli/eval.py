@@ -24,7 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_bd3.lifetime import exit_with_parent, launched_by_agent
+from megatron_bd3.lifetime import (
+    children_exit_with_this_process,
+    exit_with_parent,
+    launched_by_agent,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,7 +302,8 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if launched_by_agent():  # the rank ends with its launcher (megatron_bd3.lifetime)
+    children_exit_with_this_process()  # no orphan outlives this process (megatron_bd3.lifetime)
+    if launched_by_agent():  # the rank ends with its launcher
         exit_with_parent(f"bd3-eval: rank {os.environ.get('RANK', '?')}: its launcher (pid "
                          "{parent_pid}) is gone; stopping")
     args = build_parser().parse_args(argv)

@@ -24,6 +24,11 @@ config.attention_kernel and the device, see attention.py). A mask reaches the co
 when a caller runs the decoder with its own. Which rows the last layer returns is told to the
 layers explicitly (BD3SelfAttention.outputs), never read off a tensor.
 
+Randomness (BD3Config.init_rng / dropout_rng, 'keyed' in every run config): with 'keyed' the
+random weights are redrawn from a hash of (init_seed, global name, index) after megatron built
+them (keyed_init.py), and every dropout mask is a hash of the micro-batch's DropoutKey and global
+positions (keyed_dropout.py), so 1 process and any DP/TP/SP/PP layout train the same run.
+
 Layouts: megatron is sequence-first. Inputs are batch-first token ids [b, L]; hidden states are
 [s, b, h] with s = 2L (or 2L/TP per rank under sequence parallel); loss terms are [b, L].
 Attention masks are True = may attend (see masks.py), the opposite of megatron's own convention.

@@ -114,7 +114,8 @@ def test_killing_a_rank_ends_every_process(tmp_path):
     victim = next(rank for rank in ranks if rank in managers)
     os.kill(victim, signal.SIGKILL)
     try:
-        assert_nothing_left(mark, 30)  # the other rank notices at its next collective
+        # the other rank fails its next collective, then torchrun ends too (not our watchdog)
+        assert_nothing_left(mark, 60)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)

@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from megatron_bd3.diffusion import uniform_noise
+from megatron_bd3.diffusion import hash_uint32, uniform_noise
 from megatron_bd3.model import BD3Config, BD3Model, forward_step
 from megatron_bd3.model.keyed_dropout import (
     ATTENTION_OUTPUT,
@@ -25,7 +25,13 @@ from megatron_bd3.model.keyed_dropout import (
     keyed_attention_dropout,
     keyed_hidden_dropout,
 )
-from megatron_bd3.model.keyed_init import global_indices, init_std, keyed_normal
+from megatron_bd3.model.keyed_init import (
+    STREAM_INIT,
+    global_indices,
+    init_std,
+    keyed_rows,
+    name_key,
+)
 from tests.model.helpers import SEQ_LENGTH, tiny_overrides
 
 
@@ -135,16 +141,20 @@ def test_global_indices_are_megatrons_tp_split(stride):
         torch.testing.assert_close(global_indices(weight, 1, rank, 2), torch.arange(5))
 
 
-def test_keyed_normal_is_standard_normal_and_sliceable():
-    rows, columns = torch.arange(400), torch.arange(500)
-    values = keyed_normal(5, "decoder.layers.0.mlp.linear_fc1.weight", rows, columns)
+def test_keyed_rows_are_standard_normal_and_each_row_its_own():
+    name = "decoder.layers.0.mlp.linear_fc1.weight"
+    values = keyed_rows(5, name, torch.arange(400), 500)
     assert abs(float(values.mean())) < 0.01 and abs(float(values.std()) - 1.0) < 0.01
-    # a rank's slice (and a padded weight with more rows) holds the same values
-    part = keyed_normal(5, "decoder.layers.0.mlp.linear_fc1.weight", rows[100:300], columns[7:9])
-    torch.testing.assert_close(part, values[100:300, 7:9], rtol=0, atol=0)
-    assert not torch.equal(keyed_normal(5, "other.weight", rows, columns), values)
-    assert not torch.equal(keyed_normal(6, "decoder.layers.0.mlp.linear_fc1.weight", rows,
-                                        columns), values)
+    # a rank's rows (or a padded weight with more rows) hold the same values
+    torch.testing.assert_close(keyed_rows(5, name, torch.arange(100, 300), 500), values[100:300],
+                               rtol=0, atol=0)
+    # brute force for one row: torch's CPU generator seeded with the row's 64-bit hash
+    low, high = (int(hash_uint32(5, name_key(name), torch.tensor(7), torch.tensor(word),
+                                 STREAM_INIT)) for word in (0, 1))
+    generator = torch.Generator().manual_seed((high << 32) | low)
+    torch.testing.assert_close(values[7], torch.randn(500, generator=generator), rtol=0, atol=0)
+    assert not torch.equal(keyed_rows(5, "other.weight", torch.arange(400), 500), values)
+    assert not torch.equal(keyed_rows(6, name, torch.arange(400), 500), values)
 
 
 def test_init_std_reads_megatrons_normal_init_and_refuses_others():

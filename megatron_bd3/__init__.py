@@ -8,6 +8,7 @@ Subpackages, one job each:
     training    the trainer (optimizers, EMA, validation, clip search, logging)
     checkpoint  atomic, resumable checkpoints and resharding
     standalone  torch-only network and sampler (no megatron, no deepspeed)
+Modules: paths (how a run's paths resolve), lifetime (a run's processes end with their parent).
 """
 
 __version__ = "0.1.0"

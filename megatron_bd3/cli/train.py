@@ -25,6 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_bd3.lifetime import (
+    children_exit_with_this_process,
+    exit_with_parent,
+    launched_by_agent,
+)
 from megatron_bd3.training.config import ConfigError, RunConfig, load_config
 
 
@@ -109,6 +114,10 @@ def is_run_input_error(exc: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    children_exit_with_this_process()  # no orphan outlives this process (megatron_bd3.lifetime)
+    if launched_by_agent():  # the rank ends with its launcher
+        exit_with_parent(f"bd3-train: rank {os.environ.get('RANK', '?')}: its launcher (pid "
+                         "{parent_pid}) is gone; stopping")
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -141,3 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+elif __name__ == "__mp_main__":
+    # This module re-imported as the main module of a multiprocessing child started with
+    # "spawn" (megatron's checkpoint writer starts its Manager so): it ends with its rank.
+    exit_with_parent()

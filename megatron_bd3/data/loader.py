@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from megatron_bd3.data.layout import BatchLayout
 from megatron_bd3.data.manifest import load_manifest
 from megatron_bd3.data.shards import ShardError, ShardReader
+from megatron_bd3.lifetime import exit_with_parent_worker
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +298,7 @@ class BD3DataLoader:
                 collate_fn=_unchanged,
                 prefetch_factor=self.prefetch_factor,
                 multiprocessing_context=self.multiprocessing_context,
+                worker_init_fn=exit_with_parent_worker,  # no orphan outlives a killed rank
             )
         for batch in source:
             if generation != self._generation:

@@ -8,6 +8,8 @@ attention    BD3CoreAttention: FlexAttention / SDPA drop-in for megatron's core_
 block_attention  the training mask's attention computed block by block on CPU
 self_attention   BD3SelfAttention (short forward, own RoPE, x_t-only last layer) and its bda
 rope         rotary embedding as one autograd function
+keyed_dropout    layout-invariant dropout (DropoutKey, the layers' bias-dropout-add leaves)
+keyed_init   layout-invariant initial weights (init_rng: keyed)
 layer_spec   get_bd3_layer_spec: megatron's GPT layer spec with the attention leaves swapped
 bd3_model    BD3Model (LanguageModule) and build_bd3_model (megatron model provider)
 step         forward_step / loss_func for megatron's forward_backward_func

@@ -51,6 +51,7 @@ from megatron.core.utils import divide
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from megatron_bd3.model import block_attention
+from megatron_bd3.model.keyed_dropout import keyed_attention_dropout
 from megatron_bd3.model.masks import (
     AttentionMask,
     AttentionPattern,
@@ -162,6 +163,7 @@ class BD3CoreAttention(MegatronModule):
         )
 
         self.plan = AttentionPlan.from_config(config)
+        self.keyed_dropout = getattr(config, "dropout_rng", "torch") == "keyed"
         if getattr(config, "attention_kernel", None) == "auto" and layer_number <= 1:
             logger.info(
                 "attention_kernel 'auto' resolved to %r (CUDA available: %s, attention_dropout %s)",
@@ -290,7 +292,8 @@ class BD3CoreAttention(MegatronModule):
         if q.size(2) == seq_length:
             return noisy  # [b, np, L, hn]
         clean = self._sdpa_call(
-            q[:, :, seq_length:], k[:, :, seq_length:], v[:, :, seq_length:], clean_block
+            q[:, :, seq_length:], k[:, :, seq_length:], v[:, :, seq_length:], clean_block,
+            offset=seq_length,
         )
         return torch.cat([noisy, clean], dim=2)  # [b, np, 2L, hn]
 
@@ -304,8 +307,14 @@ class BD3CoreAttention(MegatronModule):
         self._check_every_query_attends(mask)
         return self._sdpa_call(q, k, v, mask)
 
-    def _sdpa_call(self, q, k, v, mask: torch.Tensor | None, is_causal: bool = False):
+    def _sdpa_call(
+        self, q, k, v, mask: torch.Tensor | None, is_causal: bool = False, offset: int = 0
+    ):
+        """SDPA over [b, np, s, hn]; `offset`: stream position of the first query and key (the
+        clean half runs as its own call from L), which keys the keyed attention dropout."""
         dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p > 0.0 and self.keyed_dropout:
+            return self._keyed_dropout_attention(q, k, v, mask, is_causal, offset, dropout_p)
         if dropout_p > 0.0:
             # Per-TP-rank dropout stream, as megatron's attention dropout: each rank holds
             # different heads, so their dropout masks must be independent. (DotProductAttention
@@ -318,6 +327,20 @@ class BD3CoreAttention(MegatronModule):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.softmax_scale
         )
+
+    def _keyed_dropout_attention(self, q, k, v, mask, is_causal: bool, offset: int, p: float):
+        """Attention with keyed dropout on its probabilities (keyed_dropout.py): SDPA takes no
+        mask of ours, so the probabilities are materialised, [b, np, sq, sk]. Only
+        attention_dropout > 0 with dropout_rng 'keyed' takes this path."""
+        scores = torch.matmul(q, k.transpose(-2, -1)) * self.softmax_scale  # [b, np, sq, sk]
+        if is_causal:
+            mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        first_head = self.tp_group.rank() * self.num_attention_heads_per_partition
+        probs = keyed_attention_dropout(probs, p, self.layer_number, first_head, offset, offset)
+        return torch.matmul(probs, v)  # [b, np, sq, hn]
 
     def _flex(self, q, k, v, block_mask: BlockMask) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (

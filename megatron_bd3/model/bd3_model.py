@@ -24,6 +24,11 @@ config.attention_kernel and the device, see attention.py). A mask reaches the co
 when a caller runs the decoder with its own. Which rows the last layer returns is told to the
 layers explicitly (BD3SelfAttention.outputs), never read off a tensor.
 
+Randomness (BD3Config.init_rng / dropout_rng, 'keyed' in every run config): with 'keyed' the
+random weights are redrawn from a hash of (init_seed, global name, index) after megatron built
+them (keyed_init.py), and every dropout mask is a hash of the micro-batch's DropoutKey and global
+positions (keyed_dropout.py), so 1 process and any DP/TP/SP/PP layout train the same run.
+
 Layouts: megatron is sequence-first. Inputs are batch-first token ids [b, L]; hidden states are
 [s, b, h] with s = 2L (or 2L/TP per rank under sequence parallel); loss terms are [b, L].
 Attention masks are True = may attend (see masks.py), the opposite of megatron's own convention.
@@ -55,6 +60,8 @@ from torch import Tensor
 
 from megatron_bd3.diffusion import nelbo_from_token_nll
 from megatron_bd3.model.config import BD3Config
+from megatron_bd3.model.keyed_dropout import BD3BiasDropoutAdd, KeyedDropout
+from megatron_bd3.model.keyed_init import initialize_keyed
 from megatron_bd3.model.layer_spec import get_bd3_block_spec, get_bd3_layer_spec
 from megatron_bd3.model.self_attention import BD3SelfAttention
 
@@ -132,6 +139,10 @@ class BD3Model(LanguageModule):
             )
             if config.embedding_dropout is not None:
                 self.embedding.embedding_dropout.p = config.embedding_dropout
+            if config.dropout_rng == "keyed":
+                self.embedding.embedding_dropout = KeyedDropout(
+                    self.embedding.embedding_dropout.p, config.sequence_parallel
+                )
 
         # Every stage applies RoPE inside its attention layers, so every stage has the table.
         self.rotary_pos_emb = None
@@ -175,6 +186,14 @@ class BD3Model(LanguageModule):
                 and self.share_embeddings_and_output_weights,
                 tp_group=self.pg_collection.tp,
             )
+
+        for layer in self.decoder.layers:  # spec leaves are built without their layer number
+            for bda in (layer.self_attn_bda, layer.mlp_bda):
+                if isinstance(bda, BD3BiasDropoutAdd):
+                    bda.bind_layer(layer.layer_number)
+        if config.init_rng == "keyed":
+            # before the tied output copy of the last stage is synced from the embedding
+            initialize_keyed(self, config, self.pg_collection.tp.rank(), tp_size)
 
         if self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()

@@ -110,6 +110,21 @@ class BD3Config(TransformerConfig):
     """Dropout after the token embedding. None: hidden_dropout (megatron's behaviour); the
     reference applies none."""
 
+    dropout_rng: Literal["keyed", "torch"] = "torch"
+    """Where dropout masks come from. 'torch': megatron's generators (a mask depends on the rank
+    and the micro-batch split). 'keyed': a hash of (seed, step, global-batch position, layer,
+    site, element), the same on every layout (keyed_dropout.py); the forward needs the
+    micro-batch's DropoutKey (megatron_bd3.model.forward_step holds it)."""
+
+    init_rng: Literal["keyed", "torch"] = "torch"
+    """Where the initial weights come from. 'torch': megatron's init (per-stage seeds under PP,
+    per-TP-rank streams on GPU). 'keyed': each random weight drawn element by element from a hash
+    of (init_seed, its global parameter name, its global index), then cut to this rank's TP
+    slice: the same weights on every layout (keyed_init.py)."""
+
+    init_seed: int = 0
+    """Seed of the keyed initialisation (the run's training.seed)."""
+
     make_vocab_size_divisible_by: int = 128
     """The embedding/output rows are padded to a multiple of this × TP size (megatron's rule)."""
 
@@ -201,6 +216,7 @@ class BD3Config(TransformerConfig):
             raise ValueError(
                 f"BD3Config.embedding_dropout must be in [0, 1), got {self.embedding_dropout}"
             )
+        self._validate_keyed_rng()
         if self.context_parallel_size != 1:
             raise ValueError(
                 f"context_parallel_size {self.context_parallel_size} is not supported by the BD3 "
@@ -256,6 +272,27 @@ class BD3Config(TransformerConfig):
             logger.warning(
                 "attention_kernel='flex' without CUDA: FlexAttention on CPU is forward-only, so "
                 "training will raise; use 'sdpa' (or 'auto') to train on CPU"
+            )
+
+    def _validate_keyed_rng(self) -> None:
+        for name in ("dropout_rng", "init_rng"):
+            if getattr(self, name) not in ("keyed", "torch"):
+                raise ValueError(
+                    f"BD3Config.{name} {getattr(self, name)!r} is not one of ('keyed', 'torch')"
+                )
+        if self.dropout_rng != "keyed":
+            return
+        # megatron's activation recompute reruns the layers (full) or the core attention
+        # (selective) during backward, outside the forward that holds the micro-batch's key.
+        full = self.recompute_granularity == "full"
+        if (full and (self.hidden_dropout > 0 or self.attention_dropout > 0)) or (
+            self.recompute_granularity == "selective" and self.attention_dropout > 0
+        ):
+            raise ValueError(
+                f"dropout_rng 'keyed' with recompute_granularity {self.recompute_granularity!r} "
+                "and dropout on is not supported: the recomputation runs during backward, "
+                "outside the forward that holds the micro-batch's dropout key; use "
+                "dropout_rng 'torch' or turn recompute off"
             )
 
     def _validate_noise_schedule(self) -> None:

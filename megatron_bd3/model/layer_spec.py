@@ -3,11 +3,13 @@
 Block diffusion changes exactly one thing inside a layer — which keys a query may attend to — so
 the spec is megatron's own (local, or Transformer Engine when importable) with
 `self_attention.submodules.core_attention` replaced by BD3CoreAttention and the self-attention
-mask type set to `arbitrary`. Two more leaves change for speed, not semantics (see
-self_attention.py): `self_attention.module` is BD3SelfAttention (megatron's SelfAttention with a
-short forward for BD3Model's calls: cheaper RoPE, and x_t queries only in the last layer of a
-training forward) and `self_attn_bda` is megatron's bias-dropout-add that cuts the residual to
-the rows that attention returned. TransformerLayer and MLP are megatron's, unmodified.
+mask type set to `arbitrary`. `self_attention.module` changes for speed, not semantics (see
+self_attention.py): BD3SelfAttention is megatron's SelfAttention with a short forward for
+BD3Model's calls (cheaper RoPE, and x_t queries only in the last layer of a training forward).
+The two bias-dropout-add leaves (`self_attn_bda`, `mlp_bda`) are keyed_dropout.BD3BiasDropoutAdd:
+megatron's bias-dropout-add with the residual cut to the rows that attention returned, and with
+`dropout_rng: keyed` layout-invariant dropout masks (keyed_dropout.py).
+TransformerLayer and MLP are megatron's, unmodified.
 
 Reference bias layout (qkv and attention-out without bias, MLP fc1/fc2 with bias):
 megatron has one switch, `add_bias_linear`, for all four linears (and `add_qkv_bias` for qkv).
@@ -50,7 +52,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_bd3.model.attention import BD3CoreAttention
 from megatron_bd3.model.config import BD3Config
-from megatron_bd3.model.self_attention import BD3SelfAttention, x_t_rows_bias_dropout_add
+from megatron_bd3.model.keyed_dropout import ATTENTION_OUTPUT, MLP_OUTPUT, BD3BiasDropoutAdd
+from megatron_bd3.model.self_attention import BD3SelfAttention
 
 try:  # Transformer Engine is a GPU-only optional dependency.
     import transformer_engine  # noqa: F401
@@ -142,7 +145,13 @@ def get_bd3_layer_spec(
     self_attention.module = BD3SelfAttention
     self_attention.params = {**self_attention.params, "attn_mask_type": AttnMaskType.arbitrary}
     self_attention.submodules.core_attention = BD3CoreAttention
-    spec.submodules.self_attn_bda = x_t_rows_bias_dropout_add
+    bda_params = dict(keyed=config.dropout_rng == "keyed", sequence_parallel=config.sequence_parallel)
+    spec.submodules.self_attn_bda = ModuleSpec(
+        module=BD3BiasDropoutAdd, params=dict(kind=ATTENTION_OUTPUT, **bda_params)
+    )
+    spec.submodules.mlp_bda = ModuleSpec(
+        module=BD3BiasDropoutAdd, params=dict(kind=MLP_OUTPUT, **bda_params)
+    )
 
     if config.reference_bias_layout:
         mlp = spec.submodules.mlp.submodules

@@ -12,8 +12,9 @@ the cost, not the result:
   two-stream training forward nothing reads the x_0 half of the last layer's output (the loss
   uses the x_t half; the x_0 half only ever served as keys/values, and after the last layer there
   are no more). The layer then computes the x_t queries' attention only, and the rest of the
-  layer (its output projection, residual, MLP) runs on the L x_t rows: see
-  `x_t_rows_bias_dropout_add`, which cuts the residual to the rows the attention returned. Keys
+  layer (its output projection, residual, MLP) runs on the L x_t rows: the layer's
+  bias-dropout-add (keyed_dropout.BD3BiasDropoutAdd) cuts the residual to the rows the attention
+  returned. Keys
   and values still come from all 2L tokens. Decided explicitly, never from the mask tensor:
   at construction from the config (last layer, two streams, sdpa, no sequence parallelism — the
   rows of a rank are not the x_t rows), and per call by `outputs` (set by BD3Model:
@@ -26,7 +27,6 @@ activation offloading, ...) goes to megatron's forward unchanged.
 
 from __future__ import annotations
 
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
     _yarn_get_concentration_factor_from_config,
 )
@@ -147,18 +147,3 @@ class BD3SelfAttention(SelfAttention):
         seq_length = self.config.seq_length
         return seq_length if rows == 2 * seq_length else None
 
-
-def x_t_rows_bias_dropout_add(training: bool, fused: bool):
-    """megatron's bias-dropout-add, with the residual cut to the rows the attention returned.
-
-    The only attention that returns fewer rows than it was given is BD3SelfAttention's last layer
-    of a training forward (x_t rows only); there the residual's x_t rows are its first L."""
-    bias_dropout_add = get_bias_dropout_add(training, fused)
-
-    def x_t_rows(x_with_bias, residual: Tensor, prob: float) -> Tensor:
-        rows = x_with_bias[0].size(0)
-        if residual.size(0) > rows:
-            residual = residual[:rows]
-        return bias_dropout_add(x_with_bias, residual, prob)
-
-    return x_t_rows

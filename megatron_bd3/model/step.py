@@ -9,6 +9,8 @@ noise with megatron_bd3.diffusion.noise_batch before the step):
     "loss_weight": [b, L] float, NELBO weight per token (1/t of its block)
     "loss_mask":   [b, L] optional 0/1, tokens counted in the loss and its denominator
                    (absent/None: every token counts)
+    "dropout_key": optional keyed_dropout.DropoutKey of the micro-batch, held for the model's
+                   forward (needed by dropout_rng 'keyed' with dropout on)
 
 Schedule call: pass `seq_length=config.stream_length` (2L: stages exchange two-stream hidden
 states) and `micro_batch_size=b` to the forward_backward_func.
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor
 
 from megatron_bd3.model.bd3_model import BD3LossInputs
+from megatron_bd3.model.keyed_dropout import dropout_key_scope
 
 BATCH_KEYS = ("x_0", "x_t", "masked", "loss_weight", "loss_mask")
 
@@ -78,5 +81,6 @@ def forward_step(
     loss_inputs = BD3LossInputs(
         masked=batch["masked"], loss_weight=batch["loss_weight"], loss_mask=loss_mask
     )
-    output_tensor = model(batch["x_t"], batch["x_0"], loss_inputs)
+    with dropout_key_scope(batch.get("dropout_key")):
+        output_tensor = model(batch["x_t"], batch["x_0"], loss_inputs)
     return output_tensor, partial(loss_func, loss_mask)

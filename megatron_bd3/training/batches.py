@@ -2,7 +2,8 @@
 
 The noise is keyed by (seed, step, global_batch_position): a sample gets the same t and the
 same masks whatever the data-parallel size, micro-batch size or TP/PP layout, and every TP/PP
-peer of a data-parallel rank computes identical x_t (megatron_bd3.diffusion.noise_batch).
+peer of a data-parallel rank computes identical x_t (megatron_bd3.diffusion.noise_batch). The
+batch also carries the DropoutKey under which `dropout_rng: keyed` draws its masks.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from megatron_bd3.diffusion import ClipRange, noise_batch
+from megatron_bd3.model.keyed_dropout import DropoutKey
 
 
 @dataclass(frozen=True)
@@ -74,4 +76,6 @@ def make_batch(
         "x_t": noised.x_t,
         "masked": noised.masked,
         "loss_weight": noised.loss_weight,
+        # the dropout masks are keyed like the noise (model/keyed_dropout.py)
+        "dropout_key": DropoutKey(seed, step, loader_batch["global_batch_position"]),
     }

@@ -55,6 +55,11 @@ class ModelConfig:
     # Block size B (the paper's L'). ar: forced to 1; mdlm: null or seq_length.
     block_size: Optional[int] = 4
     dropout: float = 0.1
+    # keyed: dropout masks and initial weights are hashes of (training.seed, step, sample,
+    # position, layer) / (training.seed, parameter name, index): the same on every layout
+    # (docs/training.md §5); torch: megatron's generators (faster dropout, layout-dependent).
+    dropout_rng: Literal["keyed", "torch"] = "keyed"
+    init_rng: Literal["keyed", "torch"] = "keyed"
     attention_kernel: Literal["auto", "sdpa", "flex"] = "auto"
     recompute: Optional[Literal["full", "selective"]] = None
     layernorm_epsilon: Optional[float] = None  # reference 1e-5; megatron 1e-5

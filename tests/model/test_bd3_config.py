@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention
@@ -21,7 +22,8 @@ from megatron_bd3.model import (
     mdlm_config,
     reference_owt_config,
 )
-from megatron_bd3.model.self_attention import BD3SelfAttention, x_t_rows_bias_dropout_add
+from megatron_bd3.model.keyed_dropout import ATTENTION_OUTPUT, MLP_OUTPUT, BD3BiasDropoutAdd
+from megatron_bd3.model.self_attention import BD3SelfAttention
 from tests.model.helpers import tiny_overrides
 
 
@@ -93,38 +95,47 @@ def _leaves(spec, path=""):
     return out
 
 
-def test_spec_swaps_only_the_attention_leaves():
+def test_spec_swaps_only_the_attention_and_bias_dropout_add_leaves():
     config = BD3Config(**tiny_overrides(reference_bias_layout=False, output_layer_bias=False))
-    ours = _leaves(get_bd3_layer_spec(config, use_transformer_engine=False))
+    spec = get_bd3_layer_spec(config, use_transformer_engine=False)
+    bdas = (".submodules.self_attn_bda", ".submodules.mlp_bda")
+    ours = {k: v for k, v in _leaves(spec).items() if not k.startswith(bdas)}
     megatron = _leaves(get_gpt_layer_local_spec(normalization="LayerNorm"))
+    assert megatron[bdas[0]] is megatron[bdas[1]] is get_bias_dropout_add
+    megatron = {k: v for k, v in megatron.items() if k not in bdas}
     assert ours.keys() == megatron.keys()
     changed = {key for key in ours if ours[key] != megatron[key]}
     core = ".submodules.self_attention.submodules.core_attention"
     params = ".submodules.self_attention.params"
     module = ".submodules.self_attention.module"
-    bda = ".submodules.self_attn_bda"
-    assert changed == {core, params, module, bda}
+    assert changed == {core, params, module}
     assert ours[core] is BD3CoreAttention
     assert ours[params]["attn_mask_type"] == AttnMaskType.arbitrary
-    # Speed-only swaps: megatron's SelfAttention subclassed, megatron's bias-dropout-add wrapped.
+    # Speed-only swap: megatron's SelfAttention subclassed.
     assert ours[module] is BD3SelfAttention and issubclass(BD3SelfAttention, SelfAttention)
-    assert ours[bda] is x_t_rows_bias_dropout_add
+    # Both bias-dropout-adds: ours (row cut; keyed dropout by config), one per kind.
+    assert spec.submodules.self_attn_bda.module is BD3BiasDropoutAdd
+    assert spec.submodules.self_attn_bda.params["kind"] == ATTENTION_OUTPUT
+    assert spec.submodules.mlp_bda.module is BD3BiasDropoutAdd
+    assert spec.submodules.mlp_bda.params["kind"] == MLP_OUTPUT
+    assert not spec.submodules.mlp_bda.params["keyed"]  # BD3Config's default: torch
+    keyed = get_bd3_layer_spec(BD3Config(**tiny_overrides(dropout_rng="keyed")), False)
+    assert keyed.submodules.mlp_bda.params["keyed"]
 
 
-def test_x_t_rows_bias_dropout_add_cuts_only_a_longer_residual():
+def test_bias_dropout_add_cuts_only_a_longer_residual():
     x, bias = torch.randn(4, 2, 8), torch.randn(8)
     residual = torch.randn(6, 2, 8)
+    bda = BD3BiasDropoutAdd(ATTENTION_OUTPUT, keyed=False, sequence_parallel=False)
     for training in (False, True):
         torch.manual_seed(0)
-        same = x_t_rows_bias_dropout_add(training, False)((x, bias), residual[:4], 0.5)
+        same = bda(training, False)((x, bias), residual[:4], 0.5)
         torch.manual_seed(0)
-        cut = x_t_rows_bias_dropout_add(training, False)((x, bias), residual, 0.5)
+        cut = bda(training, False)((x, bias), residual, 0.5)
         torch.testing.assert_close(cut, same, rtol=0.0, atol=0.0)
     # Independent reference without dropout: x + bias + the residual's first rows.
     expected = x + bias + residual[:4]
-    torch.testing.assert_close(
-        x_t_rows_bias_dropout_add(False, False)((x, bias), residual, 0.5), expected
-    )
+    torch.testing.assert_close(bda(False, False)((x, bias), residual, 0.5), expected)
 
 
 def test_reference_bias_layout_forces_only_the_mlp_biases():

@@ -62,3 +62,16 @@ def test_parallel_section_can_be_replaced_and_errors_name_the_run_config():
     assert identity["num_query_groups"] == 2 and identity["tokenizer_fingerprint"] == "abc"
     with pytest.raises(ValueError, match=r"<dict>: model section: .*noise_schedule"):
         build({"training": {"noise_schedule": "no-such-schedule"}})
+
+
+def test_rng_keys_reach_the_model_config():
+    _, keyed = build({"model": {}, "training": {"seed": 7}})
+    assert (keyed.dropout_rng, keyed.init_rng, keyed.init_seed) == ("keyed", "keyed", 7)
+    _, torch_rng = build({"model": {"dropout_rng": "torch", "init_rng": "torch"}})
+    assert (torch_rng.dropout_rng, torch_rng.init_rng) == ("torch", "torch")
+    # recompute reruns layers outside the keyed forward: refused with keyed dropout on
+    with pytest.raises(ValueError, match=r"<dict>: model section: dropout_rng 'keyed' with "
+                                         r"recompute_granularity 'full'"):
+        build({"model": {"recompute": "full", "dropout": 0.1}})
+    build({"model": {"recompute": "full", "dropout": 0.1, "dropout_rng": "torch"}})
+    build({"model": {"recompute": "full", "dropout": 0.0}})

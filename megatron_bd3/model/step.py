@@ -9,6 +9,8 @@ noise with megatron_bd3.diffusion.noise_batch before the step):
     "loss_weight": [b, L] float, NELBO weight per token (1/t of its block)
     "loss_mask":   [b, L] optional 0/1, tokens counted in the loss and its denominator
                    (absent/None: every token counts)
+    "document_ids": [b, L] optional long, per-token document ids (present exactly when the
+                   model has config.document_mask; docs/method.md §1.4)
 
 Schedule call: pass `seq_length=config.stream_length` (2L: stages exchange two-stream hidden
 states) and `micro_batch_size=b` to the forward_backward_func.
@@ -36,7 +38,7 @@ from torch import Tensor
 
 from megatron_bd3.model.bd3_model import BD3LossInputs
 
-BATCH_KEYS = ("x_0", "x_t", "masked", "loss_weight", "loss_mask")
+BATCH_KEYS = ("x_0", "x_t", "masked", "loss_weight", "loss_mask", "document_ids")
 
 
 def loss_func(
@@ -78,5 +80,7 @@ def forward_step(
     loss_inputs = BD3LossInputs(
         masked=batch["masked"], loss_weight=batch["loss_weight"], loss_mask=loss_mask
     )
-    output_tensor = model(batch["x_t"], batch["x_0"], loss_inputs)
+    output_tensor = model(
+        batch["x_t"], batch["x_0"], loss_inputs, document_ids=batch.get("document_ids")
+    )
     return output_tensor, partial(loss_func, loss_mask)

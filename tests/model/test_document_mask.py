@@ -40,13 +40,14 @@ def brute_force_mask(document_ids: torch.Tensor, block_size: int, streams: int =
     batch, seq_length = document_ids.shape
     n = streams * seq_length
     base = reference_bd3_mask(seq_length, block_size) if streams == 2 else torch.ones(n, n).bool()
-    allowed = torch.zeros(batch, n, n, dtype=torch.bool)
-    for b in range(batch):
-        ids = document_ids[b].tolist()
-        for q in range(n):
-            for k in range(n):
-                allowed[b, q, k] = bool(base[q, k]) and ids[q % seq_length] == ids[k % seq_length]
-    return allowed
+    base = base.tolist()
+    allowed = []
+    for ids in document_ids.tolist():
+        allowed.append([
+            [base[q][k] and ids[q % seq_length] == ids[k % seq_length] for k in range(n)]
+            for q in range(n)
+        ])
+    return torch.tensor(allowed, dtype=torch.bool)
 
 
 def brute_force_attention(q, k, v, allowed):

@@ -7,7 +7,6 @@ from megatron_bd3.diffusion.documents import (
     check_document_ids,
     document_block_diffusion_mask,
     document_block_mask,
-    document_ids_from_starts,
     document_positions,
     same_document_mask,
 )
@@ -87,7 +86,6 @@ __all__ = [
     "check_fraction_reachable",
     "document_block_diffusion_mask",
     "document_block_mask",
-    "document_ids_from_starts",
     "document_positions",
     "clip_search_grid",
     "expand_to_tokens",

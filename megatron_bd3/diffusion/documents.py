@@ -32,7 +32,6 @@ __all__ = [
     "check_document_ids",
     "document_block_diffusion_mask",
     "document_block_mask",
-    "document_ids_from_starts",
     "document_positions",
     "same_document_mask",
 ]
@@ -50,14 +49,6 @@ def check_document_ids(document_ids: torch.Tensor, batch: int | None, seq_len: i
             f"document_ids must be [batch, seq_length] = {list(expected)}, got "
             f"{list(document_ids.shape)}"
         )
-
-
-def document_ids_from_starts(starts: torch.Tensor) -> torch.Tensor:
-    """[..., L] document-start flags (1 where a document begins) -> [..., L] int64 ids, 0 for
-    the first token. A flag at position 0 changes nothing: the first token opens id 0 either
-    way (a sequence may begin inside a document that started in the previous one)."""
-    ids = torch.cumsum(starts.to(torch.int64), dim=-1)
-    return ids - ids[..., :1]
 
 
 def document_positions(document_ids: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,7 @@ def _manifest_dataset(name: str, path: Path, split: str, seq_length: int,
         info = manifest.split(split)
         manifest.verify(split)
         reader = ShardReader(manifest.directory, info["shards"], manifest.seq_length,
-                             manifest.dtype)
+                             manifest.dtype, document_starts=manifest.document_starts)
     except (ManifestError, ShardError, OSError, ValueError) as error:
         raise EvalInputError(f"--data {name}: {error}") from None
     stats = {key: info.get(key) for key in ("documents", "tokens", "sequences",

@@ -1,12 +1,18 @@
-"""The trainer with data.document_mask: document ids travel from the shards to every pipeline
-stage, in training and in validation (the model refuses a forward without them)."""
+"""data.document_mask end to end: document ids travel from the shards to every pipeline stage in
+training and validation, and bd3-eval evaluates the checkpoint with them (the model refuses a
+forward without document ids, so a path that dropped them would fail). One run serves both (the
+evaluation half is here rather than in tests/evaluation to train once)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
+from megatron_bd3.cli.eval import main as eval_main
+from megatron_bd3.data.corpus import default_corpus_path
+from megatron_bd3.data.writer import PrepareOptions, prepare_shards
 from megatron_bd3.training.config import ConfigError, load_config
 from megatron_bd3.training.model_config import build_model_config
 from tests.training.tiny_run import (
@@ -30,10 +36,12 @@ def test_data_keys_reach_the_model_config_and_reset_needs_the_mask():
         load_config(data={"data": {"document_position_reset": True}})
 
 
-@pytest.mark.distributed
-def test_pipeline_run_with_document_mask_trains_and_validates(tmp_path):
-    manifest = prepare_tiny_data(tmp_path, document_boundaries=True)
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step PP = 2 run with document masking and position reset, validated at the end."""
+    base = tmp_path_factory.mktemp("document_mask")
+    manifest = prepare_tiny_data(base, document_boundaries=True)
+    run = base / "run"
     config = tiny_config(
         manifest, run, data={"document_mask": True, "document_position_reset": True},
         parallel={"pipeline_model_parallel_size": 2}, training={"train_iters": 2},
@@ -41,8 +49,41 @@ def test_pipeline_run_with_document_mask_trains_and_validates(tmp_path):
         validation={"interval": 0, "at_end": True, "num_batches": 1,
                     "clip_search": {"enabled": False}},
     )
-    run_trainer(write_config(tmp_path / "cfg.yaml", config), 2, "--resume", "none")
+    run_trainer(write_config(base / "cfg.yaml", config), 2, "--resume", "none")
+    return base, manifest.parent, run
+
+
+@pytest.mark.distributed
+def test_pipeline_run_with_document_mask_trains_and_validates(trained):
+    _, _, run = trained
     losses = train_losses(run)
     assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
     (record,) = val_records(run)
     assert math.isfinite(record["val_nll"])
+
+
+@pytest.mark.distributed
+def test_checkpoint_is_evaluated_with_document_ids(trained, tmp_path):
+    _, data, run = trained
+    text = tmp_path / "docs.txt"
+    text.write_text("\n".join(default_corpus_path().read_text().splitlines()[:12]) + "\n")
+    args = ["--nelbo-samples", "1", "--batch-size", "8", "--no-progress", "--no-plots",
+            "--raw-weights"]
+    ckpt = str(run / "ckpt")
+    assert eval_main([ckpt, "--data", str(data), *args, "--output", str(tmp_path / "a")]) == 0
+    assert eval_main([ckpt, "--data", f"few={text}", "--text-mode", "line", *args,
+                      "--output", str(tmp_path / "b")]) == 0
+    for name in ("a", "b"):
+        row = json.loads((tmp_path / name / "eval.json").read_text())["likelihood"][0]
+        assert math.isfinite(row["nll"]) and row["sequences"] > 0
+
+
+@pytest.mark.distributed
+def test_eval_refuses_shards_without_boundaries_in_one_line(trained, tmp_path, capsys):
+    base, _, run = trained
+    plain = tmp_path / "plain"
+    prepare_shards(["default"], base / "tok", plain, PrepareOptions(seq_length=32, progress=False))
+    assert eval_main([str(run / "ckpt"), "--data", str(plain), "--raw-weights"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bd3-eval:"), lines
+    assert "--document-boundaries" in lines[0]

@@ -136,7 +136,9 @@ class BD3Config(TransformerConfig):
 
     document_position_reset: bool = False
     """With document_mask: RoPE positions restart at 0 at the start of every document of a
-    packed sequence (x_t and x_0 copies still share a position). Off: positions 0..L-1."""
+    packed sequence (x_t and x_0 copies still share a position). Off: positions 0..L-1. With
+    RoPE alone this shifts both positions of every attended pair equally, so the scores are the
+    same up to rounding (docs/method.md §1.4)."""
 
     # -- fast paths: each computes the same loss and gradients (up to summation order, tested in
     # tests/model/test_fast_paths.py) for less work; off only to measure what it buys

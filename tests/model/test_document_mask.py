@@ -279,3 +279,24 @@ def test_model_refuses_document_ids_it_was_not_configured_for(single_rank):
     with pytest.raises(ValueError, match="integer tensor"):
         documents(**batch, document_ids=torch.zeros(1, 16))
     assert VOCAB_SIZE > MASK_ID
+
+
+def test_document_ids_pass_activation_recompute(single_rank):
+    # The ids ride in the attention-mask slot as a tensor, so megatron's checkpoint saves them.
+    lengths, document_ids, x_0, x_t, masked, loss_weight = packed_case(seed=33)
+    document_ids = document_ids.repeat(2, 1)
+    x_0, x_t, masked, loss_weight = (t.repeat(2, 1) for t in (x_0, x_t, masked, loss_weight))
+    results = []
+    for extra in ({}, dict(recompute_granularity="full", recompute_method="uniform",
+                           recompute_num_layers=1),
+                  dict(recompute_granularity="selective", recompute_modules=["core_attn"])):
+        config = BD3Config(**tiny_overrides(seq_length=SEQ, block_size=BLOCK, document_mask=True,
+                                            document_position_reset=True, **extra))
+        torch.manual_seed(34)
+        model = BD3Model(config).train()
+        inputs = BD3LossInputs(masked=masked, loss_weight=loss_weight)
+        model(x_t, x_0, inputs, document_ids=document_ids).sum().backward()
+        results.append({n: p.grad for n, p in model.named_parameters()})
+    for other in results[1:]:
+        for name, grad in results[0].items():
+            torch.testing.assert_close(other[name], grad, atol=1e-5, rtol=1e-5, msg=name)

@@ -24,7 +24,10 @@ Timing: both cases of an (L, kernel) pair are built in one process and stepped a
 seeded random order per round, so they share the background load; medians over --steps rounds
 after one warm-up step each; wall and CPU time (process_time, both threads). Memory: each case
 in a fresh process, peak RSS (ru_maxrss, imports included) after two steps. Run it under `nice`
-on a shared machine: the summary records the load average before and after.
+on a shared machine: the summary records the load average before and after. On a machine
+whose cores are taken by other work, wall time measures the waiting more than the step; use
+`--threads 1` there and read the CPU-time columns (with one thread no core spin-waits for a
+descheduled one, so process time is the step's own work).
 """
 
 from __future__ import annotations
@@ -194,13 +197,14 @@ def run(args) -> dict[str, Any]:
 
 
 def render(summary: dict[str, Any]) -> str:
-    lines = ["| L | kernel | docs/sequence | step s (off) | step s (on) | on ÷ off wall | "
+    lines = ["| L | kernel | docs/sequence | wall s off / on | CPU s off / on | on ÷ off wall | "
              "on ÷ off CPU | peak RSS GiB off / on |", "|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
         docs = row["documents_per_sequence"]
         lines.append(
             f"| {row['L']} | {row['kernel']} | {sum(docs) / len(docs):.1f} | "
-            f"{row['off_wall']:.2f} | {row['on_wall']:.2f} | {row['ratio_wall']:.3f} | "
+            f"{row['off_wall']:.2f} / {row['on_wall']:.2f} | "
+            f"{row['off_cpu']:.2f} / {row['on_cpu']:.2f} | {row['ratio_wall']:.3f} | "
             f"{row['ratio_cpu']:.3f} | {row['off_memory']['peak_rss_gib']:.2f} / "
             f"{row['on_memory']['peak_rss_gib']:.2f} |")
     return "\n".join(lines)

@@ -176,7 +176,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise EvalInputError(str(error)) from None
     datasets = [open_dataset(text, seq_length=source.seq_length, tokenizer=source.tokenizer,
                              tokenizer_fingerprint=source.tokenizer_fingerprint,
-                             source_options=options) for text in args.data]
+                             source_options=options, document_ids=source.document_mask)
+                for text in args.data]
     from megatron_bd3.evaluation.variance import requested_clip_ranges
 
     variance_ranges = requested_clip_ranges(args, source)  # refused here, before any work

@@ -11,7 +11,8 @@
 Documents are split into train/validation/test by a keyed hash of their text (--val-fraction,
 --test-fraction, default 0: no test split; --split-seed), concatenated with EOS after each
 (--no-doc-eos turns it off), cut into sequences of exactly --seq-length tokens (--insert-special:
-each gets BOS + L-2 tokens + EOS), and written as deterministic tar shards plus manifest.json.
+each gets BOS + L-2 tokens + EOS), and written as deterministic tar shards plus manifest.json
+(--document-boundaries: each sample also stores where its documents start, for data.document_mask).
 See docs/data.md.
 """
 
@@ -75,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     layout.add_argument(
         "--no-doc-eos", action="store_true", help="no EOS between documents (insert_*_eos=False)"
     )
+    layout.add_argument(
+        "--document-boundaries",
+        action="store_true",
+        help="store each sequence's document starts next to its tokens (needed by "
+        "data.document_mask: attention within documents only)",
+    )
     layout.add_argument("--samples-per-shard", type=int, default=4096)
     layout.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
 
@@ -136,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             split_seed=args.split_seed,
             insert_eos=not args.no_doc_eos,
             insert_special=args.insert_special,
+            document_boundaries=args.document_boundaries,
             dtype=args.dtype,
             workers=args.workers,
             source=SourceOptions.from_arguments(args),

@@ -4,7 +4,11 @@ Each rank builds a `BD3DataLoader` for its data-parallel rank and iterates micro
 
     {"tokens": LongTensor [b, L],               token ids of each sample
      "sample_index": LongTensor [b],            index of the sample in the split (its shard key)
-     "global_batch_position": LongTensor [b]}   position 0..G-1 of the sample in its global batch
+     "global_batch_position": LongTensor [b],   position 0..G-1 of the sample in its global batch
+     "document_ids": LongTensor [b, L]}         only with document_ids=True (data.document_mask):
+                                                per-token document ids, 0 at each sample's first
+                                                token, from the document starts the packer stored
+                                                (packing.py); never from token values
 
 Which samples a micro-batch holds is pure arithmetic on (seed, epoch, step) — see layout.py — and
 samples are read by index from the tar shards (shards.ShardReader). Hence:
@@ -32,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_bd3.data.layout import BatchLayout
 from megatron_bd3.data.manifest import load_manifest
+from megatron_bd3.data.packing import document_ids_from_starts
 from megatron_bd3.data.shards import ShardError, ShardReader
 from megatron_bd3.lifetime import exit_with_parent_worker
 
@@ -55,8 +60,10 @@ class _MicroBatchStream(IterableDataset):
         start: int,
         stop: int | None,
         vocab_size: int,
+        document_ids: bool = False,
     ) -> None:
         super().__init__()
+        self.document_ids = document_ids
         self.reader = reader
         self.layout = layout
         self.dp_rank = dp_rank
@@ -77,7 +84,7 @@ class _MicroBatchStream(IterableDataset):
                 order_epoch, order = epoch, layout.epoch_order(epoch)
             positions = layout.positions(self.dp_rank, microbatch)  # [b]
             indices = order[step * global_batch + positions]  # [b]
-            tokens = self.reader.read(indices)  # [b, L]
+            tokens, starts = self.reader.read_with_document_starts(indices)  # [b, L] each
             top = int(tokens.max())
             if top >= self.vocab_size:
                 raise ShardError(
@@ -88,7 +95,10 @@ class _MicroBatchStream(IterableDataset):
             # numpy, in the shard dtype: a worker's batch crosses the process boundary as a small
             # pickle (uint16 tokens are 4x smaller than int64), far cheaper than torch's shared-
             # memory tensors; the main process makes the LongTensors (_to_tensors).
-            yield {"tokens": tokens, "sample_index": indices, "global_batch_position": positions}
+            batch = {"tokens": tokens, "sample_index": indices, "global_batch_position": positions}
+            if self.document_ids:
+                batch["document_starts"] = starts  # uint8 [b, L]; ids made in _to_tensors
+            yield batch
             micro_step += workers
 
 
@@ -105,6 +115,8 @@ def _to_tensors(batch: dict[str, np.ndarray], pin_memory: bool) -> dict[str, tor
             np.asarray(batch["global_batch_position"], dtype=np.int64)
         ),  # [b]
     }
+    if "document_starts" in batch:
+        out["document_ids"] = torch.from_numpy(document_ids_from_starts(batch["document_starts"]))
     if pin_memory:
         out = {key: value.pin_memory() for key, value in out.items()}
     return out
@@ -124,6 +136,8 @@ class BD3DataLoader:
             tokenizer / sequence length (ManifestError naming both values).
         shuffle: False visits samples in index order (e.g. a deterministic validation pass).
         remainder: "drop" or "wrap" when the split size is not a multiple of G (layout.py).
+        document_ids: also yield per-token "document_ids" (data.document_mask); the data must
+            have been prepared with --document-boundaries (ManifestError otherwise).
         max_epochs: stop after this many epochs (None: endless).
         verify: shard check at construction: "auto" | "sha256" | "size" | "none" (manifest.py).
         prefetch_factor, multiprocessing_context: passed to torch's DataLoader; pin_memory: pin
@@ -154,6 +168,7 @@ class BD3DataLoader:
         prefetch_factor: int = 4,
         pin_memory: bool = False,
         multiprocessing_context: str | None = None,
+        document_ids: bool = False,
     ) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
@@ -163,6 +178,9 @@ class BD3DataLoader:
             raise ValueError(f"max_epochs {max_epochs} must be >= 1 or None")
         self.manifest = load_manifest(manifest_path_or_dir)
         self.manifest.check(expected_tokenizer_fingerprint, expected_seq_length)
+        if document_ids:
+            self.manifest.require_document_starts()
+        self.document_ids = document_ids
         split_info = self.manifest.split(split)
         self.verified = self.manifest.verify(split, verify)
         self.split = split
@@ -177,6 +195,7 @@ class BD3DataLoader:
             split_info["shards"],
             self.manifest.seq_length,
             self.manifest.dtype,
+            document_starts=self.manifest.document_starts,
         )
         try:
             self.layout = BatchLayout(
@@ -287,6 +306,7 @@ class BD3DataLoader:
             self._micro_step,
             stop,
             int(self.manifest.tokenizer["vocab_size"]),
+            self.document_ids,
         )
         if self.num_workers == 0:
             source: Any = stream

@@ -3,7 +3,9 @@
 `manifest.json` sits next to the shards. It records the tokenizer (fingerprint, vocab size,
 special ids), the sequence length L, the sample dtype, the writer's options, per-input provenance
 with skip counts, and per split: documents, tokens, sequences, the dropped tail, and every shard's
-sample count, first index, size and sha256. The loader refuses data whose tokenizer fingerprint or
+sample count, first index, size and sha256; `document_starts: true` when the shards also hold each
+sample's document-start flags (bd3-prepare-data --document-boundaries; absent means false). The
+loader refuses data whose tokenizer fingerprint or
 L differ from what the model expects, and shards whose size or checksum differ from the manifest.
 """
 
@@ -46,6 +48,19 @@ class Manifest:
     @property
     def dtype(self) -> str:
         return str(self.data["dtype"])
+
+    @property
+    def document_starts(self) -> bool:
+        """Whether the shards hold document-start flags next to the tokens (shards.py)."""
+        return bool(self.data.get("document_starts", False))
+
+    def require_document_starts(self) -> None:
+        """Refuse data without document boundaries (what document masking needs)."""
+        if not self.document_starts:
+            raise ManifestError(
+                f"{self.path}: the shards hold no document boundaries, which data.document_mask "
+                "needs; prepare the data again with bd3-prepare-data --document-boundaries"
+            )
 
     @property
     def tokenizer(self) -> dict[str, Any]:
@@ -169,7 +184,8 @@ def load_manifest(path_or_dir: str | Path) -> Manifest:
                     f"{record['first_index']}, expected {total}"
                 )
             expected = expected_shard_bytes(
-                int(record["sequences"]), manifest.dtype, manifest.seq_length
+                int(record["sequences"]), manifest.dtype, manifest.seq_length,
+                manifest.document_starts,
             )
             if int(record["bytes"]) != expected:
                 raise ManifestError(

@@ -9,10 +9,19 @@ so webdataset sees key "{i:012d}" and extension "tokens.npy" (`wds.WebDataset(ur
 yields numpy arrays under "tokens.npy"). Headers are deterministic (ustar, mtime 0, uid/gid 0,
 empty user/group names, mode 0644): the same inputs give byte-identical shards.
 
+Shards written with document boundaries (`bd3-prepare-data --document-boundaries`, recorded as
+`document_starts: true` in the manifest) hold a second member right after each sample's tokens:
+
+    {i:012d}.document_starts.npy   a .npy array of shape [L], dtype uint8: 1 at the first token
+                                   of every document that begins in the sample (packing.py)
+
+(webdataset groups both under key "{i:012d}").
+
 Because every member has the same name length and size, member j of a shard starts at byte
-j * stride (stride = one 512-byte header + the payload padded to 512), so the loader reads any
-sample by index with one `pread`, without scanning the tar; the header name and the .npy header of
-each sample read are checked against what that index must hold.
+j * stride (stride = one 512-byte header + the payload padded to 512, for each member of a
+sample), so the loader reads any sample by index with one `pread`, without scanning the tar; the
+header names and the .npy headers of each sample read are checked against what that index must
+hold.
 """
 
 from __future__ import annotations
@@ -27,7 +36,11 @@ from typing import Any
 
 import numpy as np
 
+from megatron_bd3.data.packing import document_ids_from_starts
+
 SAMPLE_EXTENSION = "tokens.npy"
+DOCUMENT_STARTS_EXTENSION = "document_starts.npy"
+DOCUMENT_STARTS_DTYPE = np.dtype("u1")
 KEY_DIGITS = 12
 TAR_BLOCK = 512
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -42,8 +55,8 @@ def sample_key(index: int) -> str:
     return f"{index:0{KEY_DIGITS}d}"
 
 
-def member_name(index: int) -> str:
-    return f"{sample_key(index)}.{SAMPLE_EXTENSION}"
+def member_name(index: int, extension: str = SAMPLE_EXTENSION) -> str:
+    return f"{sample_key(index)}.{extension}"
 
 
 def shard_file_name(split: str, shard_number: int) -> str:
@@ -61,22 +74,36 @@ def choose_dtype(vocab_size: int, requested: str = "auto") -> str:
     return requested
 
 
-def npy_header(dtype: str, seq_length: int) -> bytes:
-    """The exact .npy header bytes of one sample (identical for every sample of a split)."""
+def _np_dtype(dtype: str | np.dtype) -> np.dtype:
+    return DTYPES[dtype] if isinstance(dtype, str) else np.dtype(dtype)
+
+
+def npy_header(dtype: str | np.dtype, seq_length: int) -> bytes:
+    """The exact .npy header bytes of one sample's array (identical for every sample of a split);
+    `dtype` a DTYPES name (tokens) or a numpy dtype (DOCUMENT_STARTS_DTYPE)."""
+    np_dtype = _np_dtype(dtype)
     buffer = io.BytesIO()
-    np.lib.format.write_array(buffer, np.zeros(seq_length, dtype=DTYPES[dtype]), allow_pickle=False)
-    return buffer.getvalue()[: -seq_length * DTYPES[dtype].itemsize]
+    np.lib.format.write_array(buffer, np.zeros(seq_length, dtype=np_dtype), allow_pickle=False)
+    return buffer.getvalue()[: -seq_length * np_dtype.itemsize]
 
 
 def _padded(size: int) -> int:
     return -(-size // TAR_BLOCK) * TAR_BLOCK
 
 
-def member_stride(dtype: str, seq_length: int) -> int:
+def member_stride(dtype: str | np.dtype, seq_length: int) -> int:
     """Bytes from one member's header to the next one's."""
     return TAR_BLOCK + _padded(
-        len(npy_header(dtype, seq_length)) + seq_length * DTYPES[dtype].itemsize
+        len(npy_header(dtype, seq_length)) + seq_length * _np_dtype(dtype).itemsize
     )
+
+
+def sample_stride(dtype: str, seq_length: int, document_starts: bool = False) -> int:
+    """Bytes of one sample: its tokens member, and its document-starts member if stored."""
+    stride = member_stride(dtype, seq_length)
+    if document_starts:
+        stride += member_stride(DOCUMENT_STARTS_DTYPE, seq_length)
+    return stride
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -101,6 +128,7 @@ class TarShardWriter:
         seq_length: int,
         dtype: str,
         samples_per_shard: int,
+        document_starts: bool = False,
     ) -> None:
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard {samples_per_shard} must be at least 1")
@@ -111,6 +139,8 @@ class TarShardWriter:
         self.samples_per_shard = samples_per_shard
         self._np_dtype = DTYPES[dtype]
         self._header = npy_header(dtype, seq_length)
+        self.document_starts = document_starts
+        self._starts_header = npy_header(DOCUMENT_STARTS_DTYPE, seq_length)
         self._tar: tarfile.TarFile | None = None
         self._tmp_path: Path | None = None
         self._in_shard = 0
@@ -143,8 +173,9 @@ class TarShardWriter:
         self._tar = None
         self._tmp_path = None
 
-    def write(self, sequences: np.ndarray) -> None:
-        """Append sequences [n, seq_length] (any integer dtype whose values fit)."""
+    def write(self, sequences: np.ndarray, document_starts: np.ndarray | None = None) -> None:
+        """Append sequences [n, seq_length] (any integer dtype whose values fit), and their
+        document-start flags [n, seq_length] when the writer stores them."""
         sequences = np.asarray(sequences)
         if sequences.ndim != 2 or sequences.shape[1] != self.seq_length:
             raise ValueError(
@@ -152,22 +183,41 @@ class TarShardWriter:
             )
         if len(sequences) and int(sequences.max()) > np.iinfo(self._np_dtype).max:
             raise ValueError(f"token id {int(sequences.max())} does not fit {self.dtype}")
+        if self.document_starts != (document_starts is not None):
+            raise ValueError(
+                "document_starts must be given exactly when the writer stores them "
+                f"(document_starts={self.document_starts})"
+            )
         rows = sequences.astype(self._np_dtype, copy=False)
-        for row in rows:
+        if document_starts is not None:
+            document_starts = np.asarray(document_starts, dtype=DOCUMENT_STARTS_DTYPE)
+            if document_starts.shape != sequences.shape:
+                raise ValueError(
+                    f"document_starts {document_starts.shape} do not match the sequences "
+                    f"{sequences.shape}"
+                )
+        for i, row in enumerate(rows):
             if self._tar is None:
                 self._open_shard()
-            payload = self._header + row.tobytes()
-            info = tarfile.TarInfo(member_name(self.num_samples))
-            info.size = len(payload)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(payload))  # type: ignore[union-attr]
+            self._add_member(member_name(self.num_samples), self._header + row.tobytes())
+            if document_starts is not None:
+                self._add_member(
+                    member_name(self.num_samples, DOCUMENT_STARTS_EXTENSION),
+                    self._starts_header + document_starts[i].tobytes(),
+                )
             self._in_shard += 1
             self.num_samples += 1
             if self._in_shard == self.samples_per_shard:
                 self._close_shard()
+
+    def _add_member(self, name: str, payload: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        info.mtime = 0
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(payload))  # type: ignore[union-attr]
 
     def close(self) -> list[dict[str, Any]]:
         if self._tar is not None:
@@ -190,13 +240,20 @@ class TarShardWriter:
 class ShardReader:
     """Random access to one split's samples by index, straight from its tar shards.
 
-    `shards` are the manifest's records of the split (file, first_index, sequences). File
-    descriptors are opened lazily and reads use `os.pread` (no shared file position), so a reader
-    may be inherited by forked DataLoader workers; pickling drops the descriptors.
+    `shards` are the manifest's records of the split (file, first_index, sequences);
+    `document_starts`: the shards hold each sample's document-start flags too (manifest key
+    `document_starts`). File descriptors are opened lazily and reads use `os.pread` (no shared
+    file position), so a reader may be inherited by forked DataLoader workers; pickling drops the
+    descriptors.
     """
 
     def __init__(
-        self, directory: str | Path, shards: Sequence[dict[str, Any]], seq_length: int, dtype: str
+        self,
+        directory: str | Path,
+        shards: Sequence[dict[str, Any]],
+        seq_length: int,
+        dtype: str,
+        document_starts: bool = False,
     ):
         self.directory = Path(directory)
         self.files = [str(self.directory / s["file"]) for s in shards]
@@ -217,7 +274,13 @@ class ShardReader:
         self._header = npy_header(dtype, seq_length)
         self._payload_offset = TAR_BLOCK + len(self._header)
         self._read_size = self._payload_offset + seq_length * self._np_dtype.itemsize
-        self.stride = member_stride(dtype, seq_length)
+        self.document_starts = document_starts
+        self._starts_header = npy_header(DOCUMENT_STARTS_DTYPE, seq_length)
+        self._starts_member = member_stride(dtype, seq_length)  # offset in the sample
+        self._starts_offset = self._starts_member + TAR_BLOCK + len(self._starts_header)
+        if document_starts:
+            self._read_size = self._starts_offset + seq_length
+        self.stride = sample_stride(dtype, seq_length, document_starts)
         self._fds: dict[int, int] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -250,8 +313,31 @@ class ShardReader:
 
     def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """The samples at `indices`, as an array [len(indices), seq_length] of the shard dtype."""
+        return self.read_with_document_starts(indices)[0]
+
+    def read_document_ids(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Per-token document ids [len(indices), seq_length] (int64, 0 at each sample's first
+        token) of the samples at `indices`; the shards must hold document starts."""
+        starts = self.read_with_document_starts(indices)[1]
+        if starts is None:
+            raise ShardError(
+                f"{self.directory}: the shards hold no document boundaries; prepare the data "
+                "with bd3-prepare-data --document-boundaries"
+            )
+        return document_ids_from_starts(starts)
+
+    def read_with_document_starts(
+        self, indices: Sequence[int] | np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(tokens [n, seq_length] of the shard dtype, document-start flags uint8 [n,
+        seq_length] or None when the shards hold none) of the samples at `indices`."""
         indices = np.asarray(indices, dtype=np.int64)
         out = np.empty((len(indices), self.seq_length), dtype=self._np_dtype)
+        starts = (
+            np.empty((len(indices), self.seq_length), dtype=DOCUMENT_STARTS_DTYPE)
+            if self.document_starts
+            else None
+        )
         if len(indices) and (indices.min() < 0 or indices.max() >= self.num_samples):
             raise IndexError(
                 f"sample index out of range [0, {self.num_samples}): {indices.tolist()}"
@@ -278,10 +364,29 @@ class ShardReader:
             out[row] = np.frombuffer(
                 buffer, dtype=self._np_dtype, count=self.seq_length, offset=self._payload_offset
             )
-        return out
+            if starts is not None:
+                member = buffer[self._starts_member : self._starts_member + 100].rstrip(b"\0")
+                if (
+                    member != member_name(index, DOCUMENT_STARTS_EXTENSION).encode()
+                    or buffer[self._starts_member + TAR_BLOCK : self._starts_offset]
+                    != self._starts_header
+                ):
+                    raise ShardError(
+                        f"{self.files[shard]}: corrupt shard — sample {index} has no "
+                        f"{DOCUMENT_STARTS_EXTENSION} member of length {self.seq_length} after "
+                        "its tokens; the file was not written with this manifest"
+                    )
+                starts[row] = np.frombuffer(
+                    buffer, dtype=DOCUMENT_STARTS_DTYPE, count=self.seq_length,
+                    offset=self._starts_offset,
+                )
+        return out, starts
 
 
-def expected_shard_bytes(num_members: int, dtype: str, seq_length: int) -> int:
-    """Size of a shard written by TarShardWriter: members, two zero blocks, padded to 10240."""
-    size = num_members * member_stride(dtype, seq_length) + 2 * TAR_BLOCK
+def expected_shard_bytes(
+    num_members: int, dtype: str, seq_length: int, document_starts: bool = False
+) -> int:
+    """Size of a shard written by TarShardWriter holding `num_members` samples: their members,
+    two zero blocks, padded to 10240."""
+    size = num_members * sample_stride(dtype, seq_length, document_starts) + 2 * TAR_BLOCK
     return -(-size // tarfile.RECORDSIZE) * tarfile.RECORDSIZE

@@ -67,6 +67,7 @@ class PrepareOptions:
     test_fraction: float = 0.0
     insert_eos: bool = True
     insert_special: bool = False
+    document_boundaries: bool = False  # store document-start flags (data.document_mask)
     dtype: str = "auto"
     workers: int = 1
     source: SourceOptions = field(default_factory=SourceOptions)
@@ -216,7 +217,8 @@ def prepare_shards(
     }
     writers = {
         split: TarShardWriter(
-            output_dir, split, options.seq_length, dtype, options.samples_per_shard
+            output_dir, split, options.seq_length, dtype, options.samples_per_shard,
+            document_starts=options.document_boundaries,
         )
         for split in SPLITS
     }
@@ -230,9 +232,11 @@ def prepare_shards(
             for split, ids in results:
                 if tokenizer.unk_id is not None:
                     unk_tokens[split] += int(np.count_nonzero(ids == tokenizer.unk_id))
-                sequences = packers[split].add(ids)
+                sequences, starts = packers[split].add_with_document_starts(ids)
                 if len(sequences):
-                    writers[split].write(sequences)
+                    writers[split].write(
+                        sequences, starts if options.document_boundaries else None
+                    )
             progress.update(len(results))
             progress.set_postfix(
                 sequences=sum(w.num_samples for w in writers.values()), refresh=False
@@ -306,5 +310,7 @@ def prepare_shards(
         "splits": splits,
         "warnings": warnings,
     }
+    if options.document_boundaries:
+        manifest["document_starts"] = True
     write_manifest(output_dir, manifest)
     return manifest

@@ -3,6 +3,13 @@ forward process, SUBS and the NELBO. No megatron or deepspeed import; the single
 training, evaluation, the sampler and the tests.
 """
 
+from megatron_bd3.diffusion.documents import (
+    check_document_ids,
+    document_block_diffusion_mask,
+    document_block_mask,
+    document_positions,
+    same_document_mask,
+)
 from megatron_bd3.diffusion.forward_process import (
     DEFAULT_MAX_RESAMPLE_TRIES,
     NoisedBatch,
@@ -75,7 +82,11 @@ __all__ = [
     "block_diffusion_allowed",
     "block_diffusion_block_mask",
     "block_diffusion_mask",
+    "check_document_ids",
     "check_fraction_reachable",
+    "document_block_diffusion_mask",
+    "document_block_mask",
+    "document_positions",
     "clip_search_grid",
     "expand_to_tokens",
     "fixed_block_times",
@@ -91,6 +102,7 @@ __all__ = [
     "noise_batch",
     "resample_block_noise",
     "sample_block_times",
+    "same_document_mask",
     "sampling_mask",
     "masked_position_log_probs",
     "subs_log_probs",

@@ -121,6 +121,8 @@ def sequence_sums(
             count_mask = count_mask_for(x_0, ignore_bos) * real[:, None]
             rows = {"x_0": x_0, "x_t": noised.x_t, "masked": noised.masked,
                     "loss_weight": noised.loss_weight, "count_mask": count_mask}
+            if dataset.has_document_ids:  # a document-masked model (docs/method.md §1.4)
+                rows["document_ids"] = torch.from_numpy(dataset.read_document_ids(indices.numpy()))
             microbatches = [{key: value[i:i + micro_batch_size] for key, value in rows.items()}
                             for i in range(0, len(x_0), micro_batch_size)]
             reports = loss_model.reports(microbatches, ignore_bos)

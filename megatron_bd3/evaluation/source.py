@@ -40,6 +40,15 @@ class EvalSource:
     marker: dict[str, Any] | None = None  # complete.json (checkpoint)
     network_config: NetworkConfig | None = None  # standalone
 
+    @property
+    def document_mask(self) -> bool:
+        """Whether the model was trained with document masking (data.document_mask): it is then
+        evaluated with it, so every evaluation set must give document ids. Standalone models
+        have no document masking (their network attends across a whole sequence)."""
+        if self.run_config is None:
+            return False
+        return bool(getattr(self.run_config.data, "document_mask", False))
+
     def describe(self) -> str:
         what = (f"checkpoint {self.path} (step {self.marker.get('step')}, "
                 f"{'EMA' if self.use_ema else 'raw'} weights)" if self.kind == "checkpoint"

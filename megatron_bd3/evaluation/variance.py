@@ -330,9 +330,12 @@ def evaluate_variance(
         for m in mine:
             x_0 = torch.from_numpy(dataset.read(
                 (m * global_batch_size + positions).numpy()))  # [G, L]
-            batch = make_batch({"tokens": x_0, "global_batch_position": positions},
-                               settings=noise, clip_range=clip_range, seed=seed, step=m,
-                               global_batch_size=global_batch_size)
+            loader_batch = {"tokens": x_0, "global_batch_position": positions}
+            if dataset.has_document_ids:  # a document-masked model (docs/method.md §1.4)
+                loader_batch["document_ids"] = torch.from_numpy(dataset.read_document_ids(
+                    (m * global_batch_size + positions).numpy()))
+            batch = make_batch(loader_batch, settings=noise, clip_range=clip_range, seed=seed,
+                               step=m, global_batch_size=global_batch_size)
             microbatches = [{key: value[i:i + micro_batch_size] for key, value in batch.items()}
                             for i in range(0, global_batch_size, micro_batch_size)]
             report = grads.minibatch(microbatches)

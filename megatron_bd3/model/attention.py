@@ -24,6 +24,13 @@ The attention contract (masks are True = may attend, see masks.py):
                              single stream           SDPA without a mask
                            With only the L x_t queries given (the last layer of a training
                            forward, see self_attention.py) only the x_t rows are computed.
+    an integer tensor      per-token document ids [b, L] (config.document_mask, docs/method.md
+                           §1.4): the model's own attention as above, restricted to pairs of
+                           tokens of the same document, on every kernel path (flex: the
+                           block-diffusion and same-document mask_mods and-ed into a per-batch
+                           BlockMask; dense: the two SDPA masks and-ed per sequence; CPU
+                           block-structured: per-sequence chunk masks). Required with
+                           config.document_mask, refused without it.
     a bool tensor          a caller's own mask: scaled_dot_product_attention with it, as given
     a BlockMask            a caller's own mask: FlexAttention with it
     AttentionPattern.CAUSAL  query i attends to keys <= i: SDPA with is_causal
@@ -55,6 +62,8 @@ from megatron_bd3.model.keyed_dropout import keyed_attention_dropout
 from megatron_bd3.model.masks import (
     AttentionMask,
     AttentionPattern,
+    document_attention_masks,
+    is_document_ids,
     split_training_mask,
     training_attention_mask,
 )
@@ -76,6 +85,8 @@ class AttentionPlan:
     kernel:  'flex' or 'sdpa' (config.resolved_attention_kernel).
     cpu_block_attention: run the sdpa block-diffusion pattern block by block on CPU
              (config.cpu_block_attention).
+    document_mask: the model's own attention is restricted to documents; the caller passes the
+             per-token document ids (config.document_mask).
     """
 
     pattern: Literal["block_diffusion", "bidirectional"]
@@ -83,6 +94,7 @@ class AttentionPlan:
     cpu_block_attention: bool
     seq_length: int
     block_size: int
+    document_mask: bool = False
 
     @classmethod
     def from_config(cls, config: TransformerConfig) -> AttentionPlan:
@@ -94,6 +106,7 @@ class AttentionPlan:
             cpu_block_attention=getattr(config, "cpu_block_attention", True),
             seq_length=getattr(config, "seq_length", 0),
             block_size=getattr(config, "block_size", 0),
+            document_mask=getattr(config, "document_mask", False),
         )
 
     @property
@@ -195,6 +208,9 @@ class BD3CoreAttention(MegatronModule):
             raise ValueError("BD3CoreAttention does not support packed sequences (THD format)")
         if attention_bias is not None:
             raise ValueError("BD3CoreAttention does not support an additive attention_bias")
+        document_ids = self._document_ids(attention_mask, query.size(1))
+        if document_ids is not None:
+            attention_mask = None  # the model's own attention, restricted to documents
 
         # Grouped-query attention: [sk, b, ng, hn] -> [sk, b, np, hn].
         heads_per_group = (
@@ -207,6 +223,7 @@ class BD3CoreAttention(MegatronModule):
         if attention_mask is None and self._use_block_attention(query, key):
             context = block_attention.block_diffusion_attention(
                 query, key, value, self.plan.seq_length, self.plan.block_size, self.softmax_scale,
+                document_ids=document_ids,
             )  # [sq, b, np, hn]
             return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)
 
@@ -216,7 +233,7 @@ class BD3CoreAttention(MegatronModule):
         v = value.permute(1, 2, 0, 3)
 
         if attention_mask is None:
-            context = self._own_attention(q, k, v)
+            context = self._own_attention(q, k, v, document_ids)
         elif isinstance(attention_mask, BlockMask):
             context = self._flex(q, k, v, attention_mask)
         elif attention_mask is AttentionPattern.CAUSAL:
@@ -240,6 +257,29 @@ class BD3CoreAttention(MegatronModule):
         return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)
 
     # -- the model's own attention (attention_mask=None) ----------------------------------------
+
+    def _document_ids(self, attention_mask, batch: int) -> torch.Tensor | None:
+        """The per-token document ids when the mask slot holds them; checks that they are given
+        exactly when the plan asks for them (config.document_mask)."""
+        if is_document_ids(attention_mask):
+            if not self.plan.document_mask:
+                raise ValueError(
+                    "BD3CoreAttention got per-token document ids but config.document_mask is off; "
+                    "set document_mask=True (data.document_mask in a run config)"
+                )
+            if tuple(attention_mask.shape) != (batch, self.plan.seq_length):
+                raise ValueError(
+                    f"document ids must be [batch, seq_length] = [{batch}, "
+                    f"{self.plan.seq_length}], got {list(attention_mask.shape)}"
+                )
+            return attention_mask
+        if attention_mask is None and self.plan.document_mask:
+            raise ValueError(
+                "config.document_mask is on but BD3CoreAttention got no document ids: pass the "
+                "[b, L] per-token document ids as attention_mask (BD3Model does, from its "
+                "document_ids argument)"
+            )
+        return None
 
     def _check_own_shapes(self, sq: int, sk: int) -> None:
         plan = self.plan
@@ -268,26 +308,44 @@ class BD3CoreAttention(MegatronModule):
         dropout = self.dropout_p if self.training else 0.0
         return plan.cpu_block_attention and dropout == 0.0 and block_attention.supports(query)
 
-    def _own_attention(self, q, k, v) -> torch.Tensor:
-        """[b, np, sq, hn] -> [b, np, sq, hn] under the plan's pattern (not block-structured)."""
+    def _own_attention(self, q, k, v, document_ids=None) -> torch.Tensor:
+        """[b, np, sq, hn] -> [b, np, sq, hn] under the plan's pattern (not block-structured),
+        restricted to documents when `document_ids` [b, L] are given."""
         plan = self.plan
         self._check_own_shapes(q.size(2), k.size(2))
         if plan.pattern == "bidirectional":
             # x_t alone, one block: every query attends to every key, no mask needed.
-            return self._sdpa_call(q, k, v, None)
+            if document_ids is None:
+                return self._sdpa_call(q, k, v, None)
+            (same_document,) = document_attention_masks(
+                document_ids, plan.seq_length, plan.block_size, "bidirectional"
+            )
+            return self._sdpa_call(q, k, v, same_document)
         if plan.kernel == "flex":
             if q.size(2) != k.size(2):
                 raise ValueError(
                     "the x_t-only last layer needs attention_kernel 'sdpa'; flex runs all 2L "
                     "queries"
                 )
-            block_mask = training_attention_mask(plan.seq_length, plan.block_size, "flex", q.device)
+            if document_ids is None:
+                block_mask = training_attention_mask(
+                    plan.seq_length, plan.block_size, "flex", q.device
+                )
+            else:
+                block_mask = document_attention_masks(
+                    document_ids, plan.seq_length, plan.block_size, "flex"
+                )
             return self._flex(q, k, v, block_mask)
         # The clean queries never attend to noisy keys: run them against the clean keys only
         # (3L² scores instead of 4L²; the result is identical). With only the x_t queries given
         # (last layer of a training forward), only the first call is needed.
         seq_length = plan.seq_length
-        noisy_rows, clean_block = split_training_mask(seq_length, plan.block_size, q.device)
+        if document_ids is None:
+            noisy_rows, clean_block = split_training_mask(seq_length, plan.block_size, q.device)
+        else:  # [b, 1, L, 2L] and [b, 1, L, L]
+            noisy_rows, clean_block = document_attention_masks(
+                document_ids, seq_length, plan.block_size, "sdpa"
+            )
         noisy = self._sdpa_call(q[:, :, :seq_length], k, v, noisy_rows)
         if q.size(2) == seq_length:
             return noisy  # [b, np, L, hn]

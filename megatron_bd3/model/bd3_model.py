@@ -20,8 +20,11 @@ BD3Config switch, on by default:
 Attention contract: the model hands its TransformerBlock attention_mask=None, which every
 BD3CoreAttention reads as "the model's own attention" and computes from the config (the
 block-diffusion mask over [x_t ; x_0], or full attention over x_t alone; kernel from
-config.attention_kernel and the device, see attention.py). A mask reaches the core attention only
-when a caller runs the decoder with its own. Which rows the last layer returns is told to the
+config.attention_kernel and the device, see attention.py). With config.document_mask the model
+hands its per-token document ids [b, L] in that slot instead, which every BD3CoreAttention reads
+as its own attention restricted to documents (docs/method.md §1.4); with
+config.document_position_reset the RoPE positions also restart at every document. A mask
+reaches the core attention only when a caller runs the decoder with its own. Which rows the last layer returns is told to the
 layers explicitly (BD3SelfAttention.outputs), never read off a tensor.
 
 Randomness (BD3Config.init_rng / dropout_rng, 'keyed' in every run config): with 'keyed' the
@@ -58,7 +61,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.utils import get_pg_rank
 from torch import Tensor
 
-from megatron_bd3.diffusion import nelbo_from_token_nll
+from megatron_bd3.diffusion import check_document_ids, document_positions, nelbo_from_token_nll
 from megatron_bd3.model.config import BD3Config
 from megatron_bd3.model.keyed_dropout import BD3BiasDropoutAdd, KeyedDropout
 from megatron_bd3.model.keyed_init import initialize_keyed
@@ -215,6 +218,7 @@ class BD3Model(LanguageModule):
         x_t: Tensor | None,
         x_0: Tensor | None,
         loss_inputs: BD3LossInputs | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         """Two-stream training forward.
 
@@ -222,6 +226,8 @@ class BD3Model(LanguageModule):
             x_t: [b, L] noisy tokens (read on the first pipeline stage only).
             x_0: [b, L] clean tokens (first stage: second stream; last stage: default labels).
             loss_inputs: masks and weights for the NELBO (last stage).
+            document_ids: [b, L] per-token document ids, on every pipeline stage; required with
+                config.document_mask, refused without it (docs/method.md §1.4).
 
         Returns:
             last stage with loss_inputs: [b, L] per-token NELBO terms (0 where not masked),
@@ -230,7 +236,7 @@ class BD3Model(LanguageModule):
             other stages: hidden states [stream_length(/TP under sequence parallel), b, h]
                 (stream_length = 2L, or L for the single-stream B = L model).
         """
-        hidden_states = self._run_decoder(x_t, x_0)  # last layer: x_t rows only (config)
+        hidden_states = self._run_decoder(x_t, x_0, document_ids)  # last layer: x_t rows (config)
         if not self.post_process:
             return hidden_states
         if loss_inputs is None:
@@ -252,14 +258,18 @@ class BD3Model(LanguageModule):
         )
         return nelbo.token_loss
 
-    def forward_logits(self, x_t: Tensor, x_0: Tensor) -> Tensor:
+    def forward_logits(
+        self, x_t: Tensor, x_0: Tensor, document_ids: Tensor | None = None
+    ) -> Tensor:
         """x_t-half logits gathered over TP: [b, L, vocab_size] (padding cut off). Needs the
         whole model on this rank (no pipeline split)."""
         self._require_single_stage("forward_logits")
-        logits = self.forward(x_t, x_0)  # [b, L, V/tp]
+        logits = self.forward(x_t, x_0, document_ids=document_ids)  # [b, L, V/tp]
         return self._gather_vocab(logits)
 
-    def forward_hidden(self, x_t: Tensor, x_0: Tensor) -> Tensor:
+    def forward_hidden(
+        self, x_t: Tensor, x_0: Tensor, document_ids: Tensor | None = None
+    ) -> Tensor:
         """Final-norm hidden states of both streams, [2L, b, h] (gathered under sequence
         parallel): rows [0, L) are the x_t half, [L, 2L) the x_0 half; [L, b, h] (x_t only) for
         the single-stream B = L model. For tests and analysis."""
@@ -276,7 +286,7 @@ class BD3Model(LanguageModule):
         for layer in layers:
             layer.outputs = "all"
         try:
-            hidden_states = self._run_decoder(x_t, x_0)
+            hidden_states = self._run_decoder(x_t, x_0, document_ids)
         finally:
             for layer in layers:
                 layer.outputs = "x_t"
@@ -284,12 +294,16 @@ class BD3Model(LanguageModule):
 
     # -- pieces ----------------------------------------------------------------------------------
 
-    def _run_decoder(self, x_t: Tensor | None, x_0: Tensor | None) -> Tensor:
+    def _run_decoder(
+        self, x_t: Tensor | None, x_0: Tensor | None, document_ids: Tensor | None = None
+    ) -> Tensor:
         """The decoder over the training input: [x_t ; x_0] (2L), or x_t alone (single stream).
 
-        The attention mask is None: every core attention runs the model's own attention from
-        the config (attention.AttentionPlan). The last layer returns the x_t rows only (L rows)
-        when config.x_t_only_last_layer applies, unless forward_hidden asked for all rows."""
+        The attention mask is None (or the document ids with config.document_mask): every core
+        attention runs the model's own attention from the config (attention.AttentionPlan). The
+        last layer returns the x_t rows only (L rows) when config.x_t_only_last_layer applies,
+        unless forward_hidden asked for all rows."""
+        document_ids = self._checked_document_ids(document_ids)
         L = self.config.seq_length
         single_stream = self.config.single_stream
         decoder_input = None
@@ -304,21 +318,49 @@ class BD3Model(LanguageModule):
             tokens = x_t if single_stream else torch.cat([x_t, x_0], dim=1)  # [b, 2L] or [b, L]
             decoder_input = self.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
         device = self._device()
+        if document_ids is not None:
+            document_ids = document_ids.to(device)
         return self.decoder(
             hidden_states=decoder_input,
-            attention_mask=None,  # the model's own attention (config), not a caller's mask
-            rotary_pos_emb=self._training_rotary(device),
+            # the model's own attention (config), not a caller's mask; per-token document ids
+            # restrict it to documents (config.document_mask)
+            attention_mask=document_ids,
+            rotary_pos_emb=self._training_rotary(device, document_ids),
         )
 
-    def _training_rotary(self, device: torch.device) -> Tensor | None:
+    def _checked_document_ids(self, document_ids: Tensor | None) -> Tensor | None:
+        """The document ids exactly when config.document_mask asks for them, as [b, L]."""
+        if not self.config.document_mask:
+            if document_ids is not None:
+                raise ValueError(
+                    "BD3Model got document_ids but config.document_mask is off; set "
+                    "document_mask=True (data.document_mask in a run config) or pass none"
+                )
+            return None
+        if document_ids is None:
+            raise ValueError(
+                "config.document_mask is on: BD3Model needs document_ids [b, L] (the data "
+                "loader's per-token document ids) on every forward"
+            )
+        check_document_ids(document_ids, None, self.config.seq_length)
+        return document_ids
+
+    def _training_rotary(
+        self, device: torch.device, document_ids: Tensor | None = None
+    ) -> Tensor | None:
         """RoPE angles of the training input: positions [0..L-1, 0..L-1] for the two streams,
-        [0..L-1] for the single stream; [stream_length, 1, 1, d]."""
+        [0..L-1] for the single stream; [stream_length, 1, 1, d]. With
+        config.document_position_reset, each token's position inside its document instead
+        (the same in both streams): [stream_length, b, 1, d]."""
         if self.rotary_pos_emb is None:
             return None
         table = self.rotary_pos_emb(self.config.seq_length).to(device)  # [L, 1, 1, d]
+        if self.config.document_position_reset:
+            positions = document_positions(document_ids)  # [b, L]
+            table = table[:, 0, 0][positions].transpose(0, 1).unsqueeze(2)  # [L, b, 1, d]
         if self.config.single_stream:
             return table
-        return torch.cat([table, table], dim=0)  # [2L, 1, 1, d]
+        return torch.cat([table, table], dim=0)  # [2L, 1 or b, 1, d]
 
     def _x_t_logits(self, hidden_states: Tensor, keep: int) -> Tensor:
         """Output layer on the first `keep` sequence positions only: [keep, b, V/tp]."""

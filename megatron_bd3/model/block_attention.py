@@ -26,6 +26,10 @@ x_0 / x_t rows (no autograd slicing, so no full-size zero fills per slice).
 With `x_t_only`, only the x_t queries are given and computed (the last layer of a training
 forward: nothing reads the x_0 half's final hidden states).
 
+With `document_ids` [b, L] (document-aware packing, docs/method.md §1.4) each chunk's mask also
+forbids keys of another document: the chunk's [rows, keys] mask becomes [b, 1, rows, keys] (the
+same kernel calls and key ranges, one masked fill per chunk, rebuilt in the backward).
+
 No attention dropout: the caller falls back to SDPA with the dense mask when it needs dropout.
 """
 
@@ -92,6 +96,26 @@ def _chunks(
     return tuple(chunks)
 
 
+def _with_documents(
+    mask: Tensor, document_ids: Tensor | None, queries: slice, keys: Tensor
+) -> Tensor:
+    """A chunk's additive mask [rows, k], further limited to keys of the query's document:
+    [b, 1, rows, k]. `queries` are the chunk's token rows, `keys` the token index of each key
+    (x_0 and x_t copies of token i both have index i). No documents: the mask unchanged."""
+    if document_ids is None:
+        return mask
+    same = document_ids[:, queries, None] == document_ids[:, None, keys]  # [b, rows, k]
+    batch = document_ids.size(0)
+    return mask.expand(batch, 1, *mask.shape).masked_fill(~same[:, None], float("-inf"))
+
+
+def _chunk_key_tokens(start: int, rows: int, block_size: int) -> Tensor:
+    """Token index of each key of the x_t chunk at `start` (see _KeyBuffer): the x_0 prefix, then
+    the chunk's own x_t rows."""
+    clean = start + _visible_x_0_tile(rows, block_size)
+    return torch.cat([torch.arange(clean), torch.arange(start, start + rows)])
+
+
 def _bhsd(x: Tensor) -> Tensor:
     """[s, b, heads, d] -> the [b, heads, s, d] view the kernel takes (no copy)."""
     return x.permute(1, 2, 0, 3)
@@ -99,8 +123,9 @@ def _bhsd(x: Tensor) -> Tensor:
 
 class _BlockDiffusionAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, seq_length, block_size, chunk, scale):
+    def forward(ctx, query, key, value, document_ids, seq_length, block_size, chunk, scale):
         L = seq_length
+        docs = document_ids  # [b, L] or None
         chunks = _chunks(L, block_size, chunk, query.dtype)
         out = query.new_empty(query.shape)  # [sq, b, np, hn]
         q, k, v = _bhsd(query), _bhsd(key), _bhsd(value)
@@ -108,6 +133,9 @@ class _BlockDiffusionAttention(torch.autograd.Function):
         keys, values = _KeyBuffer(key, L, block_size), _KeyBuffer(value, L, block_size)
         for start, rows, x_t_mask, _ in chunks:
             span = slice(start, start + rows)
+            x_t_mask = _with_documents(
+                x_t_mask, docs, span, _chunk_key_tokens(start, rows, block_size)
+            )
             o, lse_chunk = _flash_forward(
                 q[:, :, span], keys.for_chunk(start, rows), values.for_chunk(start, rows),
                 0.0, False, attn_mask=x_t_mask, scale=scale,
@@ -117,19 +145,22 @@ class _BlockDiffusionAttention(torch.autograd.Function):
         if query.size(0) == 2 * L:
             for start, rows, _, x_0_mask in chunks:
                 span, visible = slice(L + start, L + start + rows), slice(L, L + start + rows)
+                x_0_mask = _with_documents(
+                    x_0_mask, docs, slice(start, start + rows), torch.arange(start + rows)
+                )
                 o, lse_chunk = _flash_forward(
                     q[:, :, span], k[:, :, visible], v[:, :, visible], 0.0, False,
                     attn_mask=x_0_mask, scale=scale,
                 )
                 out[span] = o.permute(2, 0, 1, 3)
                 lse.append(lse_chunk)
-        ctx.save_for_backward(query, key, value, out, *lse)
+        ctx.save_for_backward(query, key, value, out, docs, *lse)
         ctx.settings = (L, block_size, chunk, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, out, *lse = ctx.saved_tensors
+        query, key, value, out, docs, *lse = ctx.saved_tensors
         L, block_size, chunk, scale = ctx.settings
         chunks = _chunks(L, block_size, chunk, query.dtype)
         q, k, v, o, g = (_bhsd(t) for t in (query, key, value, out, grad_out.contiguous()))
@@ -138,6 +169,9 @@ class _BlockDiffusionAttention(torch.autograd.Function):
         keys, values = _KeyBuffer(key, L, block_size), _KeyBuffer(value, L, block_size)
         for i, (start, rows, x_t_mask, _) in enumerate(chunks):
             span = slice(start, start + rows)
+            x_t_mask = _with_documents(
+                x_t_mask, docs, span, _chunk_key_tokens(start, rows, block_size)
+            )
             dq, dk, dv = _flash_backward(
                 g[:, :, span], q[:, :, span], keys.for_chunk(start, rows),
                 values.for_chunk(start, rows), o[:, :, span], lse[i], 0.0, False,
@@ -149,6 +183,9 @@ class _BlockDiffusionAttention(torch.autograd.Function):
         if query.size(0) == 2 * L:
             for i, (start, rows, _, x_0_mask) in enumerate(chunks, start=len(chunks)):
                 span, visible = slice(L + start, L + start + rows), slice(L, L + start + rows)
+                x_0_mask = _with_documents(
+                    x_0_mask, docs, slice(start, start + rows), torch.arange(start + rows)
+                )
                 dq, dk, dv = _flash_backward(
                     g[:, :, span], q[:, :, span], k[:, :, visible], v[:, :, visible],
                     o[:, :, span], lse[i], 0.0, False, attn_mask=x_0_mask, scale=scale,
@@ -156,7 +193,7 @@ class _BlockDiffusionAttention(torch.autograd.Function):
                 d_query[span] = dq.permute(2, 0, 1, 3)
                 d_key[visible] += dk.permute(2, 0, 1, 3)
                 d_value[visible] += dv.permute(2, 0, 1, 3)
-        return d_query, d_key, d_value, None, None, None, None
+        return d_query, d_key, d_value, None, None, None, None, None
 
 
 class _KeyBuffer:
@@ -197,6 +234,7 @@ def block_diffusion_attention(
     block_size: int,
     softmax_scale: float,
     chunk: int | None = None,
+    document_ids: Tensor | None = None,
 ) -> Tensor:
     """The BD3 training attention of [x_t ; x_0] (docs/method.md §1.1), block-structured.
 
@@ -206,6 +244,8 @@ def block_diffusion_attention(
         seq_length, block_size: L and B.
         softmax_scale: the score scale (1/sqrt(hn) by default in the caller).
         chunk: query rows per kernel call (default chunk_rows(L, B)).
+        document_ids: optional [b, L] per-token document ids (docs/method.md §1.4): a query
+            then attends only to keys of its own document.
 
     Returns:
         [sq, b, np, hn] attention output in the query's row order.
@@ -220,5 +260,5 @@ def block_diffusion_attention(
     if chunk % block_size:
         raise ValueError(f"chunk {chunk} must be a multiple of block_size {block_size}")
     return _BlockDiffusionAttention.apply(
-        query, key, value, L, block_size, chunk, softmax_scale
+        query, key, value, document_ids, L, block_size, chunk, softmax_scale
     )

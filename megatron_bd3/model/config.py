@@ -143,6 +143,18 @@ class BD3Config(TransformerConfig):
     the x_0 stream cannot change the loss and is skipped: same loss, half the tokens. False
     keeps the two-stream input (for checking that equality)."""
 
+    document_mask: bool = False
+    """Document-aware packing (docs/method.md §1.4): attention never crosses a document boundary
+    inside a packed sequence, in both streams, on top of the block-diffusion mask. The model's
+    forward then needs `document_ids` [b, L] (from the data loader). Off: the reference's plain
+    wrapping, where a sequence attends across the documents packed into it."""
+
+    document_position_reset: bool = False
+    """With document_mask: RoPE positions restart at 0 at the start of every document of a
+    packed sequence (x_t and x_0 copies still share a position). Off: positions 0..L-1. With
+    RoPE alone this shifts both positions of every attended pair equally, so the scores are the
+    same up to rounding (docs/method.md §1.4)."""
+
     # -- fast paths: each computes the same loss and gradients (up to summation order, tested in
     # tests/model/test_fast_paths.py) for less work; off only to measure what it buys
     # (tools/bench/train_step_bench.py --without) or to check the equality.
@@ -228,6 +240,16 @@ class BD3Config(TransformerConfig):
                 f"sequence_parallel splits the {name} = {self.stream_length} {kind} tokens over "
                 f"tensor_model_parallel_size {self.tensor_model_parallel_size}; {name} must be a "
                 "multiple of it"
+            )
+        if self.document_position_reset and not self.document_mask:
+            raise ValueError(
+                "document_position_reset needs document_mask (positions restart per document "
+                "only when attention is per document)"
+            )
+        if self.document_position_reset and self.position_embedding_type != "rope":
+            raise ValueError(
+                f"document_position_reset needs position_embedding_type 'rope', got "
+                f"{self.position_embedding_type!r}"
             )
         if self.softmax_type != "vanilla":
             raise ValueError(

@@ -13,6 +13,13 @@ so that the layers of a model share one copy. Nothing here is recognised by iden
 kernel runs is decided by BD3CoreAttention's plan (attention.py), from the config and the
 device, never from which tensor arrives.
 
+Document masking (docs/method.md §1.4): with config.document_mask the model passes, in the
+attention-mask slot, the per-token document ids [b, L] (an integer tensor; a tensor so it passes
+megatron's activation checkpoint like a mask). It is not a mask: it asks for the model's own
+attention restricted to documents (`is_document_ids`). `document_attention_masks` builds that
+restriction for the dense and flex kernels once per batch (the block-structured CPU kernel takes
+the ids directly).
+
 `AttentionPattern.CAUSAL` is what a caller passes *instead of* a mask tensor when it wants plain
 causal attention (query i attends to keys <= i): the core attention then runs SDPA with
 is_causal, which needs no [n, n] tensor at all.
@@ -26,7 +33,12 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from megatron_bd3.diffusion import block_diffusion_block_mask, block_diffusion_mask
+from megatron_bd3.diffusion import (
+    block_diffusion_block_mask,
+    block_diffusion_mask,
+    document_block_mask,
+    same_document_mask,
+)
 
 
 class AttentionPattern(enum.Enum):
@@ -86,6 +98,52 @@ def split_training_mask(
     The x_0-query × x_t-key quadrant is all False (the clean half never sees noise), so SDPA can
     skip it: 3L² instead of 4L² scores, with identical results."""
     return _split_training_mask(seq_length, block_size, torch.device(device))
+
+
+def is_document_ids(attention_mask: object) -> bool:
+    """Whether an attention-mask argument is per-token document ids (an integer tensor), which
+    stand for the model's own attention restricted to documents, not for a caller's mask."""
+    return (
+        isinstance(attention_mask, torch.Tensor)
+        and not attention_mask.is_floating_point()
+        and attention_mask.dtype != torch.bool
+    )
+
+
+# The masks of the last batch's document ids: every layer of a forward (and its recompute) asks
+# for the same ones. The entry holds the ids tensor itself, so the identity check cannot be
+# fooled by a new tensor at a recycled address.
+_last_document_masks: list = []
+
+
+def document_attention_masks(
+    document_ids: torch.Tensor, seq_length: int, block_size: int, kind: str
+) -> BlockMask | tuple[torch.Tensor, ...]:
+    """The model's own attention restricted to documents, for one batch of ids [b, L]:
+
+    'flex'           BlockMask over [x_t ; x_0] with B = b (block-diffusion and same-document);
+    'sdpa'           (noisy_rows [b, 1, L, 2L], clean_block [b, 1, L, L]): split_training_mask's
+                     two pieces and-ed with the same-document mask;
+    'bidirectional'  (same_document [b, 1, L, L],): the single-stream model's mask.
+
+    Built once per batch and kind (one-entry cache keyed by the ids tensor)."""
+    key = (kind, seq_length, block_size)
+    if _last_document_masks and _last_document_masks[0] is document_ids:
+        if _last_document_masks[1] == key:
+            return _last_document_masks[2]
+    if kind == "flex":
+        masks: BlockMask | tuple[torch.Tensor, ...] = document_block_mask(document_ids, block_size)
+    elif kind == "sdpa":
+        noisy_rows, clean_block = split_training_mask(seq_length, block_size, document_ids.device)
+        same = same_document_mask(document_ids, streams=1)  # [b, L, L]
+        both_streams = torch.cat([same, same], dim=-1)  # [b, L, 2L]: x_t keys, then x_0 keys
+        masks = ((noisy_rows & both_streams)[:, None], (clean_block & same)[:, None])
+    elif kind == "bidirectional":
+        masks = (same_document_mask(document_ids, streams=1)[:, None],)
+    else:
+        raise ValueError(f"document mask kind {kind!r} is not one of flex, sdpa, bidirectional")
+    _last_document_masks[:] = [document_ids, key, masks]
+    return masks
 
 
 def to_megatron_mask(allowed: torch.Tensor) -> torch.Tensor:

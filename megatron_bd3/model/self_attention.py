@@ -19,7 +19,8 @@ the cost, not the result:
   at construction from the config (last layer, two streams, sdpa, no sequence parallelism — the
   rows of a rank are not the x_t rows), and per call by `outputs` (set by BD3Model:
   "x_t" for the training forward, "all" inside BD3Model.forward_hidden), and only for the model's
-  own attention (attention_mask None), never for a caller's own mask.
+  own attention (attention_mask None, or the per-token document ids that restrict it to
+  documents, masks.py), never for a caller's own mask.
 
 Every other call (inference contexts, packed sequences, interleaved or scaled RoPE, gates,
 activation offloading, ...) goes to megatron's forward unchanged.
@@ -33,6 +34,7 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 from megatron.core.transformer.attention import SelfAttention
 from torch import Tensor
 
+from megatron_bd3.model.masks import is_document_ids
 from megatron_bd3.model.rope import apply_rotary, rotary_cos_sin
 
 
@@ -142,7 +144,8 @@ class BD3SelfAttention(SelfAttention):
 
     def _x_t_rows_only(self, attention_mask, rows: int) -> int | None:
         """L if this call computes the x_t queries only (see the module docstring)."""
-        if not self.x_t_rows_eligible or self.outputs != "x_t" or attention_mask is not None:
+        own_attention = attention_mask is None or is_document_ids(attention_mask)
+        if not self.x_t_rows_eligible or self.outputs != "x_t" or not own_attention:
             return None
         seq_length = self.config.seq_length
         return seq_length if rows == 2 * seq_length else None

@@ -11,6 +11,8 @@ noise with megatron_bd3.diffusion.noise_batch before the step):
                    (absent/None: every token counts)
     "dropout_key": optional keyed_dropout.DropoutKey of the micro-batch, held for the model's
                    forward (needed by dropout_rng 'keyed' with dropout on)
+    "document_ids": [b, L] optional long, per-token document ids (present exactly when the
+                   model has config.document_mask; docs/method.md §1.4)
 
 Schedule call: pass `seq_length=config.stream_length` (2L: stages exchange two-stream hidden
 states) and `micro_batch_size=b` to the forward_backward_func.
@@ -39,7 +41,7 @@ from torch import Tensor
 from megatron_bd3.model.bd3_model import BD3LossInputs
 from megatron_bd3.model.keyed_dropout import dropout_key_scope
 
-BATCH_KEYS = ("x_0", "x_t", "masked", "loss_weight", "loss_mask")
+BATCH_KEYS = ("x_0", "x_t", "masked", "loss_weight", "loss_mask", "document_ids")
 
 
 def loss_func(
@@ -82,5 +84,7 @@ def forward_step(
         masked=batch["masked"], loss_weight=batch["loss_weight"], loss_mask=loss_mask
     )
     with dropout_key_scope(batch.get("dropout_key")):
-        output_tensor = model(batch["x_t"], batch["x_0"], loss_inputs)
+        output_tensor = model(
+            batch["x_t"], batch["x_0"], loss_inputs, document_ids=batch.get("document_ids")
+        )
     return output_tensor, partial(loss_func, loss_mask)

@@ -54,7 +54,10 @@ def make_batch(
     global_batch_size: int,
     resample: bool | None = None,
 ) -> dict[str, Any]:
-    """{"tokens" [b, L], "global_batch_position" [b], ...} -> the model's batch dict."""
+    """{"tokens" [b, L], "global_batch_position" [b], ...} -> the model's batch dict.
+
+    The loader's per-token "document_ids" [b, L] (data.document_mask) pass through unchanged:
+    the noise does not depend on them (docs/method.md §1.4)."""
     x_0 = loader_batch["tokens"].long()  # [b, L]
     noised = noise_batch(
         x_0,
@@ -71,7 +74,7 @@ def make_batch(
         antithetic=settings.antithetic,
         fixed_t=settings.fixed_t,
     )
-    return {
+    batch = {
         "x_0": x_0,
         "x_t": noised.x_t,
         "masked": noised.masked,
@@ -79,3 +82,6 @@ def make_batch(
         # the dropout masks are keyed like the noise (model/keyed_dropout.py)
         "dropout_key": DropoutKey(seed, step, loader_batch["global_batch_position"]),
     }
+    if "document_ids" in loader_batch:
+        batch["document_ids"] = loader_batch["document_ids"]  # [b, L]
+    return batch

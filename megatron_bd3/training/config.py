@@ -98,6 +98,12 @@ class DataConfig:
     train_split: str = "train"
     valid_split: str = "validation"
     num_workers: int = 0
+    # Attention within documents only (docs/training.md "Document masking"): needs shards
+    # prepared with --document-boundaries. Off: the reference's wrapping, attention across the
+    # documents packed into a sequence.
+    document_mask: bool = False
+    # With document_mask: RoPE positions restart at 0 at every document.
+    document_position_reset: bool = False
 
 
 @dataclass
@@ -569,6 +575,11 @@ def validate(config: RunConfig) -> None:
     if s.decay_steps is not None:
         _require(s.decay_steps > 0, f"schedule.decay_steps must be > 0, got {s.decay_steps}")
 
+    d = config.data
+    _require(
+        d.document_mask or not d.document_position_reset,
+        "data.document_position_reset needs data.document_mask: true",
+    )
     _require(v.interval >= 0, f"validation.interval must be >= 0, got {v.interval}")
     cs = v.clip_search
     _require(

@@ -68,6 +68,8 @@ def build_model_config(
         ignore_bos=t.ignore_bos,
         antithetic_sampling=t.antithetic_sampling,
         resample=t.resample,
+        document_mask=config.data.document_mask,
+        document_position_reset=config.data.document_position_reset,
     )
     if m.ffn_hidden_size is not None:
         overrides["ffn_hidden_size"] = m.ffn_hidden_size

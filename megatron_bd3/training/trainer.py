@@ -156,6 +156,7 @@ class Trainer:
             expected_tokenizer_fingerprint=tokenizer_fingerprint,
             expected_seq_length=cfg.model.seq_length,
             num_workers=cfg.data.num_workers,
+            document_ids=cfg.data.document_mask,
         )
         self.train_loader = BD3DataLoader(
             self.manifest_path, cfg.data.train_split, cfg.training.micro_batch_size,

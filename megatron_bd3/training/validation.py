@@ -67,7 +67,8 @@ def eval_forward_step(ignore_bos: bool, block_size: int, data_iterator, model):
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     loss_inputs = BD3LossInputs(masked=batch["masked"], loss_weight=batch["loss_weight"])
-    output = model(batch["x_t"], batch["x_0"], loss_inputs)
+    output = model(batch["x_t"], batch["x_0"], loss_inputs,
+                   document_ids=batch.get("document_ids"))
     count_mask = batch.get("count_mask")
     if count_mask is None:
         count_mask = count_mask_for(batch["x_0"], ignore_bos)

@@ -13,10 +13,12 @@ WORKERS = Path(__file__).parent / "workers"
 
 @pytest.mark.distributed
 def test_tensor_parallel_matches_single_rank():
-    """TP=2 and TP=2 + sequence parallel: logits, loss and gradients equal TP=1 (1e-5)."""
+    """TP=2 and TP=2 + sequence parallel: logits, loss and gradients equal TP=1 (1e-5); and TP=2
+    + sequence parallel with document masking: loss and gradients."""
     output = run_distributed(WORKERS / "tensor_parallel.py", 2)
     assert "TP OK tp2 " in output
     assert "TP OK tp2_sp " in output
+    assert "TP OK tp2_sp_documents " in output
 
 
 @pytest.mark.distributed

@@ -22,8 +22,9 @@ TRAIN_SCRIPT = REPO_ROOT / "megatron_bd3" / "cli" / "train.py"
 SEQ_LENGTH = 32
 
 
-def prepare_tiny_data(directory: Path) -> Path:
-    """Tokenizer + shards for the tests; returns the manifest path."""
+def prepare_tiny_data(directory: Path, document_boundaries: bool = False) -> Path:
+    """Tokenizer + shards for the tests; returns the manifest path. `document_boundaries`: the
+    shards also store document starts (bd3-prepare-data --document-boundaries)."""
     tok, data = directory / "tok", directory / "data"
     if not (data / "manifest.json").is_file():
         for cmd in (
@@ -48,6 +49,7 @@ def prepare_tiny_data(directory: Path) -> Path:
                 str(data),
                 "--seq-length",
                 str(SEQ_LENGTH),
+                *(["--document-boundaries"] if document_boundaries else []),
             ],
         ):
             subprocess.run(

@@ -6,7 +6,9 @@ with the rules in tests/model/helpers.py (written from megatron's layouts, not t
 model), the same batch runs, and the gathered logits/loss/gradients must match Phase 1.
 Gradients of sequence-parallel parameters (norms, row-parallel biases) are partial sums over the
 rank's sequence shard; they are all-reduced over TP first, as finalize_model_grads would.
-Prints "TP OK <phase> max_logit_diff=... max_grad_diff=..." per phase.
+Prints "TP OK <phase> max_logit_diff=... max_grad_diff=..." per phase. A last phase
+(tp2_sp_documents) repeats TP=1 against TP=2 + sequence parallel with document masking and the
+position reset (loss and gradients; docs/method.md §1.4).
 """
 
 from __future__ import annotations
@@ -30,20 +32,31 @@ from tests.model.helpers import (
 TOL = dict(atol=1e-5, rtol=1e-4)
 
 
-def config(tp: int, sequence_parallel: bool) -> BD3Config:
+def config(tp: int, sequence_parallel: bool, **extra) -> BD3Config:
     return BD3Config(
         **tiny_overrides(
             num_attention_heads=4,
             num_query_groups=2,
             tensor_model_parallel_size=tp,
             sequence_parallel=sequence_parallel,
+            **extra,
         )
     )
+
+
+DOCUMENTS = dict(document_mask=True, document_position_reset=True)
+DOCUMENT_IDS = torch.tensor([[0] * 5 + [1] * 9 + [2] * 2, [0] * 3 + [1] * 13])  # [b, L]
 
 
 def run(model: BD3Model, batch):
     model.zero_grad()
     inputs = BD3LossInputs(batch["masked"], batch["loss_weight"], batch["loss_mask"])
+    if model.config.document_mask:  # loss and gradients only
+        token_loss = model(batch["x_t"], batch["x_0"], inputs, document_ids=DOCUMENT_IDS)
+        loss_sum, num_tokens, _ = loss_func(batch["loss_mask"], token_loss)
+        loss = loss_sum / num_tokens
+        loss.backward()
+        return loss.detach().view(1, 1, 1), loss.detach()
     token_loss = model(batch["x_t"], batch["x_0"], inputs)
     loss_sum, num_tokens, _ = loss_func(batch["loss_mask"], token_loss)
     loss = loss_sum / num_tokens
@@ -77,19 +90,25 @@ def gathered_grads(model: BD3Model, tp: int) -> dict[str, torch.Tensor]:
 def main() -> None:
     batch = random_batch(2, seed=21)
 
-    info = initialize_parallel(ParallelConfig(tensor_model_parallel_size=1, seed=7))
+    for extra, phases in (({}, ((2, False, "tp2"), (2, True, "tp2_sp"))),
+                          (DOCUMENTS, ((2, True, "tp2_sp_documents"),))):
+        compare(batch, extra, phases)
+
+
+def compare(batch, extra, phases) -> None:
+    initialize_parallel(ParallelConfig(tensor_model_parallel_size=1, seed=7))
     torch.manual_seed(7)
-    reference = BD3Model(config(1, False))
+    reference = BD3Model(config(1, False, **extra))
     full_state = {k: v.clone() for k, v in reference.state_dict().items() if v is not None}
     ref_logits, ref_loss = run(reference, batch)
     ref_grads = gathered_grads(reference, 1)
     destroy_parallel()
 
-    for tp, sp, phase in ((2, False, "tp2"), (2, True, "tp2_sp")):
+    for tp, sp, phase in phases:
         info = initialize_parallel(
             ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp)
         )
-        model = BD3Model(config(tp, sp))
+        model = BD3Model(config(tp, sp, **extra))
         padded = model.padded_vocab_size
         shards = {
             name: tp_shard(name, tensor, info.tp_rank, tp, padded)

@@ -1,0 +1,89 @@
+"""data.document_mask end to end: document ids travel from the shards to every pipeline stage in
+training and validation, and bd3-eval evaluates the checkpoint with them (the model refuses a
+forward without document ids, so a path that dropped them would fail). One run serves both (the
+evaluation half is here rather than in tests/evaluation to train once)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from megatron_bd3.cli.eval import main as eval_main
+from megatron_bd3.data.corpus import default_corpus_path
+from megatron_bd3.data.writer import PrepareOptions, prepare_shards
+from megatron_bd3.training.config import ConfigError, load_config
+from megatron_bd3.training.model_config import build_model_config
+from tests.training.tiny_run import (
+    prepare_tiny_data,
+    run_trainer,
+    tiny_config,
+    train_losses,
+    val_records,
+    write_config,
+)
+
+
+def test_data_keys_reach_the_model_config_and_reset_needs_the_mask():
+    config = load_config(data={"model": {"seq_length": 16, "block_size": 4},
+                               "data": {"document_mask": True, "document_position_reset": True}})
+    model_config = build_model_config(config, vocab_size=300, mask_token_id=4, precision="fp32")
+    assert model_config.document_mask and model_config.document_position_reset
+    assert not build_model_config(load_config(data={"model": {"seq_length": 16, "block_size": 4}}),
+                                  vocab_size=300, mask_token_id=4, precision="fp32").document_mask
+    with pytest.raises(ConfigError, match="data.document_position_reset needs data.document_mask"):
+        load_config(data={"data": {"document_position_reset": True}})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step PP = 2 run with document masking and position reset, validated at the end."""
+    base = tmp_path_factory.mktemp("document_mask")
+    manifest = prepare_tiny_data(base, document_boundaries=True)
+    run = base / "run"
+    config = tiny_config(
+        manifest, run, data={"document_mask": True, "document_position_reset": True},
+        parallel={"pipeline_model_parallel_size": 2}, training={"train_iters": 2},
+        checkpoint={"interval": 0},
+        validation={"interval": 0, "at_end": True, "num_batches": 1,
+                    "clip_search": {"enabled": False}},
+    )
+    run_trainer(write_config(base / "cfg.yaml", config), 2, "--resume", "none")
+    return base, manifest.parent, run
+
+
+@pytest.mark.distributed
+def test_pipeline_run_with_document_mask_trains_and_validates(trained):
+    _, _, run = trained
+    losses = train_losses(run)
+    assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
+    (record,) = val_records(run)
+    assert math.isfinite(record["val_nll"])
+
+
+@pytest.mark.distributed
+def test_checkpoint_is_evaluated_with_document_ids(trained, tmp_path):
+    _, data, run = trained
+    text = tmp_path / "docs.txt"
+    text.write_text("\n".join(default_corpus_path().read_text().splitlines()[:12]) + "\n")
+    args = ["--nelbo-samples", "1", "--batch-size", "8", "--no-progress", "--no-plots",
+            "--raw-weights"]
+    ckpt = str(run / "ckpt")
+    assert eval_main([ckpt, "--data", str(data), *args, "--output", str(tmp_path / "a")]) == 0
+    assert eval_main([ckpt, "--data", f"few={text}", "--text-mode", "line", *args,
+                      "--output", str(tmp_path / "b")]) == 0
+    for name in ("a", "b"):
+        row = json.loads((tmp_path / name / "eval.json").read_text())["likelihood"][0]
+        assert math.isfinite(row["nll"]) and row["sequences"] > 0
+
+
+@pytest.mark.distributed
+def test_eval_refuses_shards_without_boundaries_in_one_line(trained, tmp_path, capsys):
+    base, _, run = trained
+    plain = tmp_path / "plain"
+    prepare_shards(["default"], base / "tok", plain, PrepareOptions(seq_length=32, progress=False))
+    assert eval_main([str(run / "ckpt"), "--data", str(plain), "--raw-weights"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bd3-eval:"), lines
+    assert "--document-boundaries" in lines[0]

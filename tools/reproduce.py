@@ -12,9 +12,10 @@ the framework's own tools, run the way a user runs it:
               (configs/wiki_repro.yaml), the same network, seed, steps and tokens for all
   scorer      bd3-convert of the AR model to the standalone format (the generative-PPL scorer)
   eval_*      bd3-eval: NELBO perplexity with 95% intervals on validation, test and the Lee
-              news corpus (zero-shot); samples of L tokens scored by the AR model; gradient
-              variance per clip range for the schedule study's models
-  gen2L_*     bd3-eval: samples of 2L tokens scored by the AR model
+              news corpus (zero-shot); gradient variance per clip range for the schedule
+              study's models
+  genL_*      bd3-eval: samples of L tokens scored by the AR model (entropy, NFE)
+  gen2L_*     bd3-eval: samples of 2L tokens, the same
   report      reproduction.json, report.md (tables with the paper's numbers beside ours) and
               the plots, from the stages' own outputs
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -76,7 +78,7 @@ class Scale:
     validation: tuple[str, ...] = ()
     nelbo_samples: int = 2
     eval_batch: int = 16
-    num_samples: int = 16
+    num_samples: int = 64
     variance_minibatches: int = 8
     vocab_size: int = 4096
 
@@ -194,17 +196,16 @@ class Study:
                    "--text-mode", "line", "--nelbo-samples", str(s.nelbo_samples),
                    "--batch-size", str(s.eval_batch), "--output", self.eval_dir(model, "eval"),
                    "--no-progress"]
-        if model.diffusion:
-            command += self._generation(scorer, 128)
         if model.variance:
             command += ["--variance-sweep", "--variance-data", "validation",
                         "--variance-minibatches", str(s.variance_minibatches)]
         self.stage(f"eval_{model.name}", command, distributed=True)
         if model.diffusion:
-            self.stage(f"gen2L_{model.name}", [
-                "-m", "megatron_bd3.cli.eval", self.run_dir(model) / "checkpoints",
-                "--output", self.eval_dir(model, "gen2L"), "--no-progress",
-                *self._generation(scorer, 256)], distributed=True)
+            for kind, length in (("genL", 128), ("gen2L", 256)):
+                self.stage(f"{kind}_{model.name}", [
+                    "-m", "megatron_bd3.cli.eval", self.run_dir(model) / "checkpoints",
+                    "--output", self.eval_dir(model, kind), "--no-progress",
+                    *self._generation(scorer, length)], distributed=True)
 
     def _generation(self, scorer: Path, length: int) -> list[str]:
         n = self.scale.num_samples
@@ -238,6 +239,15 @@ def _read_json(path: Path) -> dict:
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
+
+
+def _mean_and_se(values: list[float]) -> list[float] | None:
+    """Mean and standard error over samples (None with fewer than two)."""
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return [mean, math.sqrt(variance / len(values))]
 
 
 def _versions() -> dict[str, str]:
@@ -287,12 +297,13 @@ def collect(study: Study) -> dict:
                 for r in evaluation["variance"]]
         if model.diffusion:
             entry["generation"] = {}
-            for kind, path in (("L", study.eval_dir(model, "eval")),
-                               ("2L", study.eval_dir(model, "gen2L"))):
-                g = _read_json(path / "eval.json")["generation"]
+            for kind, directory in (("L", "genL"), ("2L", "gen2L")):
+                g = _read_json(study.eval_dir(model, directory) / "eval.json")["generation"]
                 entry["generation"][kind] = {key: g[key] for key in (
                     "length", "num_samples", "gen_ppl", "gen_ppl_token_weighted", "entropy",
                     "nfe", "tokens_per_second")}
+                entry["generation"][kind]["log_gen_ppl"] = _mean_and_se(
+                    [math.log(x["gen_ppl"]) for x in g["samples"] if x["gen_ppl"]])
         models[model.name] = entry
     return {
         "scale": {"quick": study.scale is QUICK, **study.scale.__dict__},
@@ -320,6 +331,16 @@ def _interval(row: dict) -> str:
     return f"{row['ppl']:.1f} [{low:.1f}, {high:.1f}]"
 
 
+def _geometric(generation: dict) -> str:
+    """Per-sample generative perplexities summarised on the log scale: exp(mean log PPL) with the
+    95% interval exp(mean +- 1.96 SE) over samples."""
+    if generation.get("log_gen_ppl") is None:
+        return "n/a" if generation["gen_ppl"] is None else f"{generation['gen_ppl']:.1f}"
+    mean, se = generation["log_gen_ppl"]
+    return (f"{math.exp(mean):.0f} [{math.exp(mean - 1.96 * se):.0f}, "
+            f"{math.exp(mean + 1.96 * se):.0f}]")
+
+
 def render_tables(results: dict) -> str:
     models = results["models"]
     lines = ["### Perplexity (NELBO bound for the diffusion models; 95% intervals)", "",
@@ -331,7 +352,8 @@ def render_tables(results: dict) -> str:
         lines.append(f"| {m['label']} | {_interval(lk['validation'])} | {_interval(lk['test'])} "
                      f"| {_interval(lk['lee'])} | {'≤' if name != 'ar' and paper else ''}"
                      f"{paper if paper else '–'} |")
-    lines += ["", "### Generative perplexity under our AR model (top-p 0.9, first-hitting sampler)",
+    lines += ["", "### Generative perplexity under our AR model (top-p 0.9, first-hitting sampler; "
+              "geometric mean over samples with its 95% interval)",
               "", "| model | L=128 gen PPL / entropy / NFE | 2L=256 gen PPL / entropy / NFE "
               "| paper, OWT L=1024 / 2048 (GPT2-Large) |", "|---|---|---|---|"]
     for name, m in models.items():
@@ -340,8 +362,7 @@ def render_tables(results: dict) -> str:
         cells = []
         for kind in ("L", "2L"):
             g = m["generation"][kind]
-            ppl = "n/a" if g["gen_ppl"] is None else f"{g['gen_ppl']:.1f}"
-            cells.append(f"{ppl} / {g['entropy']:.2f} / {g['nfe']:.0f}")
+            cells.append(f"{_geometric(g)} / {g['entropy']:.2f} / {g['nfe']:.0f}")
         paper = PAPER_GEN_PPL.get(name)
         lines.append(f"| {m['label']} | {cells[0]} | {cells[1]} | "
                      f"{f'{paper[0]} / {paper[1]}' if paper else '–'} |")

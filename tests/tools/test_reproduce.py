@@ -33,7 +33,7 @@ def test_quick_study_runs_every_stage_and_resumes(tmp_path):
     for model in reproduce.MODELS:
         expected |= {f"train_{model.name}", f"eval_{model.name}"}
         if model.diffusion:
-            expected.add(f"gen2L_{model.name}")
+            expected |= {f"genL_{model.name}", f"gen2L_{model.name}"}
     assert stages == expected
 
     text = (workdir / "report" / "reproduction.json").read_text()
@@ -53,6 +53,8 @@ def test_quick_study_runs_every_stage_and_resumes(tmp_path):
             assert entry["generation"]["L"]["length"] == 128
             assert entry["generation"]["2L"]["length"] == 256
             assert entry["generation"]["L"]["gen_ppl"] is not None  # scored by the AR model
+            mean, se = entry["generation"]["L"]["log_gen_ppl"]
+            assert se > 0
         else:
             assert "generation" not in entry
         assert ("variance" in entry) == model.variance

@@ -13,8 +13,8 @@ The attention contract (masks are True = may attend, see masks.py):
     attention_mask=None    the model's own attention, as the config describes it (AttentionPlan,
                            fixed at construction): the BD3 training mask over [x_t ; x_0] (2L
                            tokens), or full attention over x_t alone for the single-stream B = L
-                           model. BD3Model always passes None. Kernel, from the config and the
-                           device:
+                           model. BD3Model passes None (or the document ids below, with
+                           config.document_mask). Kernel, from the config and the device:
                              flex                    FlexAttention with the cached BlockMask
                              sdpa, CPU, no dropout   block_attention (the same attention block by
                                                      block, no dense 2L × 2L work), when

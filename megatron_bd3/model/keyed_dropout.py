@@ -59,9 +59,13 @@ class DropoutKey:
     step: int
     sample_ids: Tensor
 
+    # A batch dict's values are moved with .to and cut into micro-batches by rows; the key
+    # follows like a [b] tensor.
     def to(self, device) -> DropoutKey:
-        """The same key with its sample ids on `device` (batch dicts are moved with .to)."""
         return DropoutKey(self.seed, self.step, self.sample_ids.to(device))
+
+    def __getitem__(self, rows) -> DropoutKey:
+        return DropoutKey(self.seed, self.step, self.sample_ids[rows])
 
 
 _current_key: DropoutKey | None = None

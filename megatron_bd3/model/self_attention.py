@@ -144,7 +144,8 @@ class BD3SelfAttention(SelfAttention):
         """L if this call computes the x_t queries only (see the module docstring)."""
         if not self.x_t_rows_eligible or self.outputs != "x_t" or attention_mask is not None:
             return None
-        seq_length = self.config.seq_length
+        # this rank's x_t positions: L, or L / CP under context parallelism
+        seq_length = self.config.seq_length // self.config.context_parallel_size
         return seq_length if rows == 2 * seq_length else None
 
 

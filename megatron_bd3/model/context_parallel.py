@@ -157,7 +157,7 @@ class _GatherCleanKeyValues(torch.autograd.Function):
     def forward(ctx, local: Tensor, layout: ContextParallelLayout, group) -> Tensor:
         size = layout.size
         gathered = local.new_empty((size * local.size(0), *local.shape[1:]))
-        dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
+        dist.all_gather_single(gathered, local.contiguous(), group=group)
         exchange_meter.forward_bytes += (size - 1) * local.numel() * local.element_size()
         exchange_meter.calls += 1
         order = layout.global_order.to(local.device)
@@ -170,7 +170,7 @@ class _GatherCleanKeyValues(torch.autograd.Function):
         rank_major = torch.empty_like(grad)
         rank_major.index_copy_(0, layout.global_order.to(grad.device), grad)
         local = grad.new_empty((grad.size(0) // layout.size, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(local, rank_major.contiguous(), group=ctx.group)
+        dist.reduce_scatter_single(local, rank_major, group=ctx.group)
         exchange_meter.backward_bytes += (layout.size - 1) * local.numel() * local.element_size()
         return local, None, None
 

@@ -3,7 +3,8 @@
 Phase 1 (TP = CP = 1, every rank replicates the model): per-token NELBO loss, gradients and the
 x_t logits of a tiny GQA model. Phase 2 (CP = 2, with TP = 2 on 4 ranks): the same weights (split
 over TP with the rules of tests/model/helpers.py), the same whole [b, L] batch on every rank,
-once with the block-structured CPU kernel and once with the dense SDPA path. Checked:
+once with the block-structured CPU kernel and once with the dense SDPA path (with TP = 2 also
+sequence parallel). Checked:
 
 * the loss: the CP ranks' reports summed equal the CP = 1 loss; the loss each rank
   back-propagates (loss_func) gives, averaged over CP as the data-parallel x CP reduction does,
@@ -64,6 +65,8 @@ def grads_of(model: BD3Model, tp: int, cp: int) -> dict[str, torch.Tensor]:
     grads = {}
     for name, param in model.named_parameters():
         grad = param.grad.detach().clone()
+        if getattr(param, "sequence_parallel", False) and model.config.sequence_parallel:
+            dist.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
         if cp > 1:  # the data-parallel x CP averaging of DDP / DeepSpeed
             dist.all_reduce(grad, group=parallel_state.get_context_parallel_group())
             grad /= cp
@@ -96,7 +99,9 @@ def main(tp: int) -> None:
     )
     cp_group = parallel_state.get_context_parallel_group()
     positions = zig_zag_positions(info.cp_rank, cp)
-    for phase, extra in (("block", {}), ("dense_sdpa", dict(cpu_block_attention=False))):
+    # with TP, the dense phase also runs sequence parallel (its 2L / CP rows split over TP)
+    dense = dict(cpu_block_attention=False, sequence_parallel=tp > 1)
+    for phase, extra in (("block", {}), ("dense_sdpa", dense)):
         model = BD3Model(config(tp, cp, **extra))
         shards = {
             name: tp_shard(name, tensor, info.tp_rank, tp, model.padded_vocab_size)

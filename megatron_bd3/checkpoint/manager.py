@@ -70,7 +70,9 @@ SHAPE_KEYS = (
     "ffn_hidden_size",
     "vocab_size",
 )
-LAYOUT_KEYS = ("tp", "pp", "vpp", "dp", "optimizer_backend", "zero_stage")
+LAYOUT_KEYS = ("tp", "pp", "vpp", "cp", "dp", "optimizer_backend", "zero_stage")
+# Layout keys added later, with the value a checkpoint that lacks them was saved with.
+LAYOUT_DEFAULTS = {"cp": 1}
 
 
 def _rank() -> int:
@@ -246,7 +248,8 @@ def check_compatible(marker: dict[str, Any], record: dict[str, Any], directory: 
     )
     try:
         _compare(
-            "layout", marker.get("layout", {}), record.get("layout", {}), LAYOUT_KEYS, directory
+            "layout", {**LAYOUT_DEFAULTS, **marker.get("layout", {})},
+            {**LAYOUT_DEFAULTS, **record.get("layout", {})}, LAYOUT_KEYS, directory,
         )
     except CheckpointError as exc:
         raise CheckpointError(

@@ -173,3 +173,16 @@ def test_cp2_recompute_resume_and_conversion_match_one_process(reference, tmp_pa
     assert ours.keys() == theirs.keys()
     for key, value in ours.items():
         torch.testing.assert_close(value, theirs[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.distributed
+def test_pp2_cp2_matches_one_process(reference):
+    """PP = 2 x CP = 2 on 4 ranks: megatron's schedule sends the 2L / CP rows between stages."""
+    losses, vals = run_layout(
+        reference,
+        "pp2_cp2",
+        4,
+        parallel={"pipeline_model_parallel_size": 2, "context_parallel_size": 2},
+        validation={"micro_batch_size": 2},
+    )
+    assert_same(reference, losses, vals)

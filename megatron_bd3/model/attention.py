@@ -28,6 +28,10 @@ The attention contract (masks are True = may attend, see masks.py):
     a BlockMask            a caller's own mask: FlexAttention with it
     AttentionPattern.CAUSAL  query i attends to keys <= i: SDPA with is_causal
 Nothing is recognised by identity: the same values passed as a tensor run as a caller's mask.
+Context parallelism (config.context_parallel_size > 1, model/context_parallel.py): the model's
+own attention gets this rank's rows [x_t ; x_0] (2L / CP), all-gathers the clean keys/values of
+every rank and runs the same kernels with the rank's own mask (block kernel over the rank's
+chunks, a per-rank BlockMask, or SDPA with the per-rank dense mask).
 FlexAttention on CPU has no backward, so a CPU flex call that would need gradients raises here,
 before autograd fails deep inside the backward pass.
 """

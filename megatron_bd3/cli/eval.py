@@ -210,7 +210,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "model": source.record(),
         "layout": {"world_size": info.world_size, "tp": info.tp_size, "pp": info.pp_size,
-                   "dp": info.dp_size},
+                   "cp": info.cp_size, "dp": info.dp_size},
         "likelihood": [],
     }
     if rank0:

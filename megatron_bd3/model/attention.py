@@ -181,12 +181,7 @@ class BD3CoreAttention(MegatronModule):
         self.plan = AttentionPlan.from_config(config)
         # Context parallelism (model/context_parallel.py): this rank's positions of both streams.
         self.cp_layout = None
-        if cp_size > 1:
-            if self.plan.pattern != "block_diffusion":
-                raise ValueError(
-                    f"context_parallel_size {cp_size} needs the two-stream block-diffusion input; "
-                    "the single-stream B = L model has one block and cannot be cut on block edges"
-                )
+        if cp_size > 1:  # BD3Config refuses the layouts CP cannot cut (single stream, L)
             self.cp_layout = ContextParallelLayout(
                 config.seq_length, config.block_size, cp_size, pg_collection.cp.rank()
             )

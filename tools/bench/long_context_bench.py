@@ -95,8 +95,14 @@ def _current_rss_bytes() -> int:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from megatron_bd3.model import BD3Config, BD3LossInputs, BD3Model, get_bd3_layer_spec
-    from megatron_bd3.model import loss_func, reference_architecture
+    from megatron_bd3.model import (
+        BD3Config,
+        BD3LossInputs,
+        BD3Model,
+        get_bd3_layer_spec,
+        loss_func,
+        reference_architecture,
+    )
     from megatron_bd3.model.context_parallel import exchange_meter
     from megatron_bd3.parallel import (
         ParallelConfig,

@@ -82,7 +82,9 @@ SHAPE_KEYS = (
     "ffn_hidden_size",
     "vocab_size",
 )
-LAYOUT_KEYS = ("tp", "pp", "vpp", "dp", "optimizer_backend", "zero_stage")
+LAYOUT_KEYS = ("tp", "pp", "vpp", "cp", "dp", "optimizer_backend", "zero_stage")
+# Layout keys added later, with the value a checkpoint that lacks them was saved with.
+LAYOUT_DEFAULTS = {"cp": 1}
 
 
 def _rank() -> int:
@@ -259,7 +261,8 @@ def _compare(kind: str, saved: dict[str, Any], current: dict[str, Any], keys, di
 def layout_change(marker: dict[str, Any], record: dict[str, Any]) -> str | None:
     """None when the checkpoint was written in this run's layout; else "old -> new" (an elastic
     resume, see reshard.py)."""
-    saved, current = marker.get("layout", {}), record.get("layout", {})
+    saved = {**LAYOUT_DEFAULTS, **marker.get("layout", {})}
+    current = {**LAYOUT_DEFAULTS, **record.get("layout", {})}
     if all(saved.get(key) == current.get(key) for key in LAYOUT_KEYS):
         return None
     return f"{describe_layout(saved)} -> {describe_layout(current)}"
@@ -280,8 +283,11 @@ def check_compatible(marker: dict[str, Any], record: dict[str, Any], directory: 
     if layout_change(marker, record) is None or marker.get("reshardable"):
         return
     try:
-        _compare("layout", marker.get("layout", {}), record.get("layout", {}),
-                 RESHARDABLE_LAYOUT_KEYS, directory)
+        _compare(
+            "layout", {**LAYOUT_DEFAULTS, **marker.get("layout", {})},
+            {**LAYOUT_DEFAULTS, **record.get("layout", {})}, (*RESHARDABLE_LAYOUT_KEYS, "cp"),
+            directory,
+        )
     except CheckpointError as exc:
         raise CheckpointError(
             f"{exc}. This checkpoint has no layout-independent optimizer state "

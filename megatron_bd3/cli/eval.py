@@ -51,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     # the deepspeed launcher passes --local_rank; the rank comes from the environment anyway
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
 
-    layout = parser.add_argument_group("layout (DP = world size / (TP x PP))")
+    layout = parser.add_argument_group("layout (DP = world size / (TP x PP x CP))")
     layout.add_argument("--tensor-model-parallel-size", type=int, default=1)
     layout.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    layout.add_argument("--context-parallel-size", type=int, default=1,
+                        help="context parallelism of the likelihood pass (docs/training.md §4)")
 
     nelbo = parser.add_argument_group("likelihood (NELBO perplexity bound)")
     nelbo.add_argument("--data", action="append", default=[], metavar="[NAME=]PATH[@SPLIT]",
@@ -135,10 +137,12 @@ def _check_layout(args, source) -> None:
     from megatron_bd3.evaluation.source import EvalInputError
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    cp = args.context_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if tp < 1 or pp < 1 or world % (tp * pp):
-        raise EvalInputError(f"world size {world} is not divisible by TP x PP = {tp} x {pp}")
-    if source.kind == "standalone" and tp * pp > 1:
+    if tp < 1 or pp < 1 or cp < 1 or world % (tp * pp * cp):
+        raise EvalInputError(
+            f"world size {world} is not divisible by TP x PP x CP = {tp} x {pp} x {cp}")
+    if source.kind == "standalone" and tp * pp * cp > 1:
         raise EvalInputError(
             f"{source.path} is a standalone directory, evaluated data parallel only; for TP/PP "
             "> 1 evaluate a trainer checkpoint (bd3-convert --standalone DIR --to checkpoint "
@@ -183,6 +187,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     variance_ranges = requested_clip_ranges(args, source)  # refused here, before any work
     # the torch-only network, before any process group (a checkpoint converts in-process)
     generating = args.num_samples > 0
+    if args.context_parallel_size > 1 and (generating or variance_ranges):
+        raise EvalInputError(
+            f"--context-parallel-size {args.context_parallel_size} serves the likelihood only; "
+            "generation and the gradient variance run with --context-parallel-size 1")
     network = (source.standalone_network()
                if source.kind == "standalone" or generating else None)
     sampling = scorer = None
@@ -201,14 +209,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     info = initialize_parallel(ParallelConfig(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size, seed=args.seed))
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size, seed=args.seed))
     rank0 = info.rank == 0
     micro = args.micro_batch_size or max(1, args.batch_size // info.dp_size)
     check_batching(args.batch_size, micro, info.dp_size)
     results: dict[str, Any] = {
         "model": source.record(),
         "layout": {"world_size": info.world_size, "tp": info.tp_size, "pp": info.pp_size,
-                   "dp": info.dp_size},
+                   "cp": info.cp_size, "dp": info.dp_size},
         "likelihood": [],
     }
     if rank0:

@@ -69,7 +69,7 @@ def evaluate_likelihood(
     Keyword arguments as `sequence_sums`."""
     sums, tokens = sequence_sums(loss_model, dataset, global_batch_size=global_batch_size,
                                  seed=seed, **kwargs)
-    if dist.is_initialized():  # each sequence is reported by exactly one rank
+    if dist.is_initialized():  # each sequence by one rank (its CP ranks: a part each)
         from megatron_bd3.parallel import all_reduce_host
 
         all_reduce_host(sums)

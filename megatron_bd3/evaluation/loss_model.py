@@ -2,7 +2,9 @@
 
 Both return, for each micro-batch, the report of megatron_bd3.training.validation.eval_loss:
 "sequence_loss" [b] (sum of the counted per-token terms) and "sequence_tokens" [b] (the counted
-tokens), on the ranks whose reports count (`reports_loss`); other ranks get an empty list.
+tokens), on the ranks whose reports count (`reports_loss`); other ranks get an empty list. Under
+context parallelism each CP rank reports its positions' part; the caller's sum over ranks adds
+them up.
 
 - MegatronLossModel: the trainer's model chunks in the evaluation's TP/PP layout, run through
   megatron's forward-only schedule (eval_step) exactly like validation.
@@ -89,14 +91,15 @@ def megatron_loss_model(source, info, *, device_type: str, precision: str):
     config = copy.deepcopy(source.run_config)
     config.model.recompute = None
     parallel = ParallelSection(tensor_model_parallel_size=info.tp_size,
-                               pipeline_model_parallel_size=info.pp_size)
+                               pipeline_model_parallel_size=info.pp_size,
+                               context_parallel_size=info.cp_size)
     try:
         model_config = build_model_config(config, vocab_size=source.vocab_size,
                                           mask_token_id=source.mask_token_id,
                                           precision=precision, parallel=parallel)
     except ValueError as error:
         raise EvalInputError(f"{source.path}: the layout TP {info.tp_size} x PP {info.pp_size} "
-                             f"does not fit the model: {error}") from None
+                             f"x CP {info.cp_size} does not fit the model: {error}") from None
     chunks = build_model_chunks(model_config, device_type=device_type)
     try:
         load_model_weights(source.path, chunks, use_ema=source.use_ema,

@@ -6,6 +6,8 @@ attention    BD3CoreAttention: FlexAttention / SDPA drop-in for megatron's core_
              attention_mask=None runs the model's own attention (AttentionPlan, from the
              config), anything else is a caller's own mask, used as given
 block_attention  the training mask's attention computed block by block on CPU
+context_parallel the CP layout of the two streams (zig-zag chunks of whole blocks) and the
+             clean key/value all-gather
 self_attention   BD3SelfAttention (short forward, own RoPE, x_t-only last layer) and its bda
 rope         rotary embedding as one autograd function
 keyed_dropout    layout-invariant dropout (DropoutKey, the layers' bias-dropout-add leaves)

@@ -35,6 +35,10 @@ The attention contract (masks are True = may attend, see masks.py):
     a BlockMask            a caller's own mask: FlexAttention with it
     AttentionPattern.CAUSAL  query i attends to keys <= i: SDPA with is_causal
 Nothing is recognised by identity: the same values passed as a tensor run as a caller's mask.
+Context parallelism (config.context_parallel_size > 1, model/context_parallel.py): the model's
+own attention gets this rank's rows [x_t ; x_0] (2L / CP), all-gathers the clean keys/values of
+every rank and runs the same kernels with the rank's own mask (block kernel over the rank's
+chunks, a per-rank BlockMask, or SDPA with the per-rank dense mask).
 FlexAttention on CPU has no backward, so a CPU flex call that would need gradients raises here,
 before autograd fails deep inside the backward pass.
 """
@@ -58,6 +62,12 @@ from megatron.core.utils import divide
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from megatron_bd3.model import block_attention
+from megatron_bd3.model.context_parallel import (
+    ContextParallelLayout,
+    dense_rank_mask,
+    flex_rank_mask,
+    gather_clean_key_values,
+)
 from megatron_bd3.model.keyed_dropout import keyed_attention_dropout
 from megatron_bd3.model.masks import (
     AttentionMask,
@@ -95,6 +105,7 @@ class AttentionPlan:
     seq_length: int
     block_size: int
     document_mask: bool = False
+    context_parallel_size: int = 1
 
     @classmethod
     def from_config(cls, config: TransformerConfig) -> AttentionPlan:
@@ -107,12 +118,21 @@ class AttentionPlan:
             seq_length=getattr(config, "seq_length", 0),
             block_size=getattr(config, "block_size", 0),
             document_mask=getattr(config, "document_mask", False),
+            context_parallel_size=config.context_parallel_size,
         )
 
     @property
     def stream_length(self) -> int:
-        """Tokens of the model's own input: 2L (two streams), or L (single stream)."""
-        return self.seq_length if self.pattern == "bidirectional" else 2 * self.seq_length
+        """Tokens of the model's own input on this rank: 2L (two streams), or L (single stream);
+        2L / CP under context parallelism."""
+        if self.pattern == "bidirectional":
+            return self.seq_length
+        return 2 * self.seq_length // self.context_parallel_size
+
+    @property
+    def local_length(self) -> int:
+        """x_t positions on this rank: L, or L / CP under context parallelism."""
+        return self.seq_length // self.context_parallel_size
 
 
 def _flex_attention_fn(compile_flex: bool):
@@ -146,16 +166,13 @@ class BD3CoreAttention(MegatronModule):
         pg_collection: ProcessGroupCollection | None = None,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                f"BD3CoreAttention does not support context_parallel_size "
-                f"{config.context_parallel_size}; use 1"
-            )
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
+        cp_size = config.context_parallel_size
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            required = ["tp", "cp"] if cp_size > 1 else ["tp"]
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=required)
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
 
@@ -177,6 +194,13 @@ class BD3CoreAttention(MegatronModule):
 
         self.plan = AttentionPlan.from_config(config)
         self.keyed_dropout = getattr(config, "dropout_rng", "torch") == "keyed"
+        # Context parallelism (model/context_parallel.py): this rank's positions of both streams.
+        self.cp_layout = None
+        if cp_size > 1:  # BD3Config refuses the layouts CP cannot cut (single stream, L)
+            self.cp_layout = ContextParallelLayout(
+                config.seq_length, config.block_size, cp_size, pg_collection.cp.rank()
+            )
+            self.cp_group = pg_collection.cp
         if getattr(config, "attention_kernel", None) == "auto" and layer_number <= 1:
             logger.info(
                 "attention_kernel 'auto' resolved to %r (CUDA available: %s, attention_dropout %s)",
@@ -212,6 +236,10 @@ class BD3CoreAttention(MegatronModule):
         if document_ids is not None:
             attention_mask = None  # the model's own attention, restricted to documents
 
+        if attention_mask is None and self.cp_layout is not None:
+            # [n or 2n, b, np, hn] queries, [2n, b, ng, hn] local keys -> [n + L, b, ng, hn]
+            key, value = self._exchange_clean_key_values(query, key, value)
+
         # Grouped-query attention: [sk, b, ng, hn] -> [sk, b, np, hn].
         heads_per_group = (
             self.num_attention_heads_per_partition // self.num_query_groups_per_partition
@@ -221,9 +249,11 @@ class BD3CoreAttention(MegatronModule):
             value = value.repeat_interleave(heads_per_group, dim=2)
 
         if attention_mask is None and self._use_block_attention(query, key):
+            spans = self.cp_layout.spans if self.cp_layout is not None else None
             context = block_attention.block_diffusion_attention(
                 query, key, value, self.plan.seq_length, self.plan.block_size, self.softmax_scale,
                 document_ids=document_ids,
+                spans=spans,
             )  # [sq, b, np, hn]
             return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)
 
@@ -281,16 +311,32 @@ class BD3CoreAttention(MegatronModule):
             )
         return None
 
+    def _exchange_clean_key_values(self, query, key, value):
+        """Context parallelism: this rank's keys/values [x_t (n) ; x_0 (n)] -> [x_t (n) ; x_0 of
+        all L positions], the clean rows all-gathered (K and V in one message) over the CP
+        group; the noisy rows stay local (model/context_parallel.py)."""
+        n = self.plan.local_length
+        self._check_own_shapes(query.size(0), key.size(0))
+        clean = torch.cat([key[n:], value[n:]], dim=-1)  # [n, b, ng, 2 hn]
+        clean = gather_clean_key_values(clean, self.cp_layout, self.cp_group)  # [L, b, ng, 2 hn]
+        clean_key, clean_value = clean.chunk(2, dim=-1)
+        key = torch.cat([key[:n], clean_key], dim=0)  # [n + L, b, ng, hn]
+        value = torch.cat([value[:n], clean_value], dim=0)
+        return key, value
+
     def _check_own_shapes(self, sq: int, sk: int) -> None:
         plan = self.plan
         n = plan.stream_length
+        if self.cp_layout is not None and sk == plan.local_length + plan.seq_length:
+            sk = n  # the clean keys of every rank have been gathered (_exchange_clean_key_values)
         # The block-diffusion pattern also takes the L x_t queries alone (x_t-only last layer).
-        queries = (n,) if plan.pattern == "bidirectional" else (n, plan.seq_length)
+        queries = (n,) if plan.pattern == "bidirectional" else (n, plan.local_length)
         if not plan.seq_length or sk != n or sq not in queries:
             what = (
                 f"the full attention over L = {n} tokens (single stream)"
                 if plan.pattern == "bidirectional"
                 else f"the training mask over 2L = {n} tokens"
+                + (" on this context-parallel rank" if self.cp_layout is not None else "")
             )
             raise ValueError(
                 f"BD3CoreAttention got attention_mask=None for {sq} queries × {sk} keys; None "
@@ -321,6 +367,8 @@ class BD3CoreAttention(MegatronModule):
                 document_ids, plan.seq_length, plan.block_size, "bidirectional"
             )
             return self._sdpa_call(q, k, v, same_document)
+        if self.cp_layout is not None:
+            return self._context_parallel_attention(q, k, v)
         if plan.kernel == "flex":
             if q.size(2) != k.size(2):
                 raise ValueError(
@@ -354,6 +402,21 @@ class BD3CoreAttention(MegatronModule):
             offset=seq_length,
         )
         return torch.cat([noisy, clean], dim=2)  # [b, np, 2L, hn]
+
+    def _context_parallel_attention(self, q, k, v) -> torch.Tensor:
+        """This rank's queries [b, np, n or 2n, hn] against [its n noisy keys ; all L clean keys]
+        under the rank's mask (context_parallel.dense_rank_mask / flex_rank_mask)."""
+        layout, queries = self.cp_layout, q.size(2)
+        if self.plan.kernel == "flex":
+            return self._flex(q, k, v, flex_rank_mask(layout, queries, q.device))
+        mask = dense_rank_mask(layout, queries, q.device)  # [n or 2n, n + L]
+        n = layout.local_length
+        noisy = self._sdpa_call(q[:, :, :n], k, v, mask[:n])
+        if queries == n:
+            return noisy  # [b, np, n, hn]
+        # The clean queries never attend to noisy keys: clean keys only.
+        clean = self._sdpa_call(q[:, :, n:], k[:, :, n:], v[:, :, n:], mask[n:, n:])
+        return torch.cat([noisy, clean], dim=2)  # [b, np, 2n, hn]
 
     # -- a caller's own mask ----------------------------------------------------------------------
 

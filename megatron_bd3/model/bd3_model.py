@@ -63,6 +63,7 @@ from torch import Tensor
 
 from megatron_bd3.diffusion import check_document_ids, document_positions, nelbo_from_token_nll
 from megatron_bd3.model.config import BD3Config
+from megatron_bd3.model.context_parallel import ContextParallelLayout
 from megatron_bd3.model.keyed_dropout import BD3BiasDropoutAdd, KeyedDropout
 from megatron_bd3.model.keyed_init import initialize_keyed
 from megatron_bd3.model.layer_spec import get_bd3_block_spec, get_bd3_layer_spec
@@ -201,6 +202,16 @@ class BD3Model(LanguageModule):
         if self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()
 
+        # Context parallelism (model/context_parallel.py): this rank holds L / CP positions of
+        # both streams; inputs, RoPE positions and loss inputs are sliced to them here.
+        self.cp_layout = None
+        if config.context_parallel_size > 1:
+            self.cp_layout = ContextParallelLayout(
+                config.seq_length, config.block_size, config.context_parallel_size,
+                self.pg_collection.cp.rank(),
+            )
+        self.local_length = config.seq_length // config.context_parallel_size
+
     # -- pipeline plumbing -----------------------------------------------------------------------
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:
@@ -235,26 +246,29 @@ class BD3Model(LanguageModule):
             last stage without loss_inputs: [b, L, V_pad/TP] vocab-parallel x_t-half logits;
             other stages: hidden states [stream_length(/TP under sequence parallel), b, h]
                 (stream_length = 2L, or L for the single-stream B = L model).
+            Under context parallelism the inputs are still [b, L] (the same on every CP rank)
+            and every L above is this rank's L / CP positions (self.cp_layout.positions).
         """
         hidden_states = self._run_decoder(x_t, x_0, document_ids)  # last layer: x_t rows (config)
         if not self.post_process:
             return hidden_states
         if loss_inputs is None:
-            logits = self._x_t_logits(hidden_states, self.config.seq_length)  # [L, b, V/tp]
+            logits = self._x_t_logits(hidden_states, self.local_length)  # [L, b, V/tp]
             return logits.transpose(0, 1).contiguous()  # [b, L, V/tp]
         labels = loss_inputs.labels if loss_inputs.labels is not None else x_0
         if labels is None:
             raise ValueError("the last pipeline stage needs x_0 (or loss_inputs.labels)")
+        labels, masked = self._local(labels), self._local(loss_inputs.masked)
         if self.config.masked_only_logits:
-            token_nll = self._masked_token_nll(hidden_states, labels, loss_inputs.masked)
+            token_nll = self._masked_token_nll(hidden_states, labels, masked)
         else:
             token_nll = self._all_positions_token_nll(hidden_states, labels)  # [b, L]
         nelbo = nelbo_from_token_nll(
             token_nll,
-            loss_inputs.masked,
-            loss_weight=loss_inputs.loss_weight,
+            masked,
+            loss_weight=self._local(loss_inputs.loss_weight),
             block_size=self.config.block_size,
-            loss_mask=loss_inputs.loss_mask,
+            loss_mask=self._local(loss_inputs.loss_mask),
         )
         return nelbo.token_loss
 
@@ -315,6 +329,7 @@ class BD3Model(LanguageModule):
                     raise ValueError(
                         f"{name} must be [batch, seq_length={L}] token ids, got {shape}"
                     )
+            x_t, x_0 = self._local(x_t), self._local(x_0)  # [b, L / CP] under CP
             tokens = x_t if single_stream else torch.cat([x_t, x_0], dim=1)  # [b, 2L] or [b, L]
             decoder_input = self.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
         device = self._device()
@@ -351,16 +366,20 @@ class BD3Model(LanguageModule):
         """RoPE angles of the training input: positions [0..L-1, 0..L-1] for the two streams,
         [0..L-1] for the single stream; [stream_length, 1, 1, d]. With
         config.document_position_reset, each token's position inside its document instead
-        (the same in both streams): [stream_length, b, 1, d]."""
+        (the same in both streams): [stream_length, b, 1, d]. Under context parallelism the
+        global positions of this rank, twice ([2L / CP, 1, 1, d]; BD3Config refuses CP with
+        document masks)."""
         if self.rotary_pos_emb is None:
             return None
-        table = self.rotary_pos_emb(self.config.seq_length).to(device)  # [L, 1, 1, d]
+        # get_emb, not forward: megatron's forward would cut the table for its own CP layout
+        table = self.rotary_pos_emb.get_emb(self.config.seq_length).to(device)  # [L, 1, 1, d]
         if self.config.document_position_reset:
             positions = document_positions(document_ids)  # [b, L]
             table = table[:, 0, 0][positions].transpose(0, 1).unsqueeze(2)  # [L, b, 1, d]
         if self.config.single_stream:
             return table
-        return torch.cat([table, table], dim=0)  # [2L, 1 or b, 1, d]
+        table = self._local(table, dim=0)  # [L / CP, 1 or b, 1, d] under CP
+        return torch.cat([table, table], dim=0)  # [2L / CP, 1 or b, 1, d]
 
     def _x_t_logits(self, hidden_states: Tensor, keep: int) -> Tensor:
         """Output layer on the first `keep` sequence positions only: [keep, b, V/tp]."""
@@ -393,7 +412,7 @@ class BD3Model(LanguageModule):
                 f"loss_inputs.masked must be a bool [b, L] tensor like the labels "
                 f"{tuple(labels.shape)}, got {masked.dtype} {tuple(masked.shape)}"
             )
-        L = self.config.seq_length
+        L = self.local_length
         hidden = self._gather_sequence(hidden_states)[:L]  # [L, b, h]
         rows = hidden.transpose(0, 1)[masked]  # [M, h], M = masked positions, (b, L) order
         weight = None
@@ -410,7 +429,7 @@ class BD3Model(LanguageModule):
         the NLL megatron's vocab-parallel cross-entropy; the NELBO ignores the unmasked
         positions. The same loss as _masked_token_nll at about twice the output-layer work: kept
         to measure what the masked-only path buys (tools/bench/train_step_bench.py --without)."""
-        logits = self._x_t_logits(hidden_states, self.config.seq_length)  # [L, b, V/tp]
+        logits = self._x_t_logits(hidden_states, self.local_length)  # [L, b, V/tp]
         vocab_local = logits.size(-1)
         vocab_start = parallel_state.get_tensor_model_parallel_rank() * vocab_local
         vocab_ids = torch.arange(vocab_start, vocab_start + vocab_local, device=logits.device)
@@ -451,6 +470,12 @@ class BD3Model(LanguageModule):
                 logits.contiguous(), group=self.tp_group
             )
         return logits[..., : self.vocab_size]
+
+    def _local(self, tensor: Tensor | None, dim: int = 1) -> Tensor | None:
+        """This rank's positions of a tensor over all L positions (identity without CP)."""
+        if self.cp_layout is None or tensor is None:
+            return tensor
+        return self.cp_layout.local(tensor, dim=dim)
 
     def _require_single_stage(self, what: str) -> None:
         if not (self.pre_process and self.post_process):

@@ -71,9 +71,10 @@ def supports(query: Tensor) -> bool:
 
 @functools.lru_cache(maxsize=32)
 def _chunks(
-    seq_length: int, block_size: int, chunk: int, dtype: torch.dtype
-) -> tuple[tuple[int, int, Tensor, Tensor], ...]:
-    """(start, rows, x_t mask, x_0 mask) per chunk; additive masks, 0 = may attend, -inf = not.
+    spans: tuple[tuple[int, int], ...], block_size: int, chunk: int, dtype: torch.dtype
+) -> tuple[tuple[int, int, int, Tensor, Tensor], ...]:
+    """(start, local, rows, x_t mask, x_0 mask) per chunk; additive masks, 0 = may attend,
+    -inf = not. `start` is the chunk's first global position, `local` its first local row.
 
     x_t chunk at `start` with `rows` queries: [rows, start + tile + rows] over the keys
     [x_0 rows 0 .. start+tile-1 ; own x_t rows] (tile = _visible_x_0_tile); x_0 chunk:
@@ -81,18 +82,22 @@ def _chunks(
     neg_inf = torch.tensor(float("-inf"), dtype=dtype)
     zero = torch.tensor(0.0, dtype=dtype)
     chunks = []
-    for start in range(0, seq_length, chunk):
-        rows = min(chunk, seq_length - start)
-        block = torch.arange(rows) // block_size  # block of each row within the chunk
-        # x_t rows see the chunk's x_0 rows of strictly earlier blocks only.
-        tile = block[: _visible_x_0_tile(rows, block_size)]
-        strictly_earlier = torch.where(tile[None, :] < block[:, None], zero, neg_inf)
-        own_block = torch.where(block[None, :] == block[:, None], zero, neg_inf)
-        same_or_earlier = torch.where(block[None, :] <= block[:, None], zero, neg_inf)
-        prefix = torch.zeros(rows, start, dtype=dtype)
-        x_t_mask = torch.cat([prefix, strictly_earlier, own_block], dim=1).contiguous()
-        x_0_mask = torch.cat([prefix, same_or_earlier], dim=1).contiguous()
-        chunks.append((start, rows, x_t_mask, x_0_mask))
+    local = 0
+    for span_start, span_length in spans:
+        span_end = span_start + span_length
+        for start in range(span_start, span_end, chunk):
+            rows = min(chunk, span_end - start)
+            block = torch.arange(rows) // block_size  # block of each row within the chunk
+            # x_t rows see the chunk's x_0 rows of strictly earlier blocks only.
+            tile = block[: _visible_x_0_tile(rows, block_size)]
+            strictly_earlier = torch.where(tile[None, :] < block[:, None], zero, neg_inf)
+            own_block = torch.where(block[None, :] == block[:, None], zero, neg_inf)
+            same_or_earlier = torch.where(block[None, :] <= block[:, None], zero, neg_inf)
+            prefix = torch.zeros(rows, start, dtype=dtype)
+            x_t_mask = torch.cat([prefix, strictly_earlier, own_block], dim=1).contiguous()
+            x_0_mask = torch.cat([prefix, same_or_earlier], dim=1).contiguous()
+            chunks.append((start, local + start - span_start, rows, x_t_mask, x_0_mask))
+        local += span_length
     return tuple(chunks)
 
 
@@ -122,29 +127,31 @@ def _bhsd(x: Tensor) -> Tensor:
 
 
 class _BlockDiffusionAttention(torch.autograd.Function):
+    # Rows: query [x_t (n) ; x_0 (n)] or [x_t (n)], key/value [x_t (n) ; x_0 (L)]; n = the local
+    # positions (the spans), L = every clean position (row n + p holds clean position p).
     @staticmethod
-    def forward(ctx, query, key, value, document_ids, seq_length, block_size, chunk, scale):
-        L = seq_length
+    def forward(ctx, query, key, value, document_ids, spans, block_size, chunk, scale):
         docs = document_ids  # [b, L] or None
-        chunks = _chunks(L, block_size, chunk, query.dtype)
+        chunks = _chunks(spans, block_size, chunk, query.dtype)
+        n = sum(length for _, length in spans)
         out = query.new_empty(query.shape)  # [sq, b, np, hn]
         q, k, v = _bhsd(query), _bhsd(key), _bhsd(value)
         lse = []
-        keys, values = _KeyBuffer(key, L, block_size), _KeyBuffer(value, L, block_size)
-        for start, rows, x_t_mask, _ in chunks:
-            span = slice(start, start + rows)
+        keys, values = _KeyBuffer(key, n, block_size, chunk), _KeyBuffer(value, n, block_size, chunk)
+        for start, local, rows, x_t_mask, _ in chunks:
+            span = slice(local, local + rows)
             x_t_mask = _with_documents(
-                x_t_mask, docs, span, _chunk_key_tokens(start, rows, block_size)
+                x_t_mask, docs, slice(start, start + rows), _chunk_key_tokens(start, rows, block_size)
             )
             o, lse_chunk = _flash_forward(
-                q[:, :, span], keys.for_chunk(start, rows), values.for_chunk(start, rows),
-                0.0, False, attn_mask=x_t_mask, scale=scale,
+                q[:, :, span], keys.for_chunk(start, local, rows),
+                values.for_chunk(start, local, rows), 0.0, False, attn_mask=x_t_mask, scale=scale,
             )
             out[span] = o.permute(2, 0, 1, 3)
             lse.append(lse_chunk)
-        if query.size(0) == 2 * L:
-            for start, rows, _, x_0_mask in chunks:
-                span, visible = slice(L + start, L + start + rows), slice(L, L + start + rows)
+        if query.size(0) == 2 * n:
+            for start, local, rows, _, x_0_mask in chunks:
+                span, visible = slice(n + local, n + local + rows), slice(n, n + start + rows)
                 x_0_mask = _with_documents(
                     x_0_mask, docs, slice(start, start + rows), torch.arange(start + rows)
                 )
@@ -155,34 +162,34 @@ class _BlockDiffusionAttention(torch.autograd.Function):
                 out[span] = o.permute(2, 0, 1, 3)
                 lse.append(lse_chunk)
         ctx.save_for_backward(query, key, value, out, docs, *lse)
-        ctx.settings = (L, block_size, chunk, scale)
+        ctx.settings = (spans, n, block_size, chunk, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, docs, *lse = ctx.saved_tensors
-        L, block_size, chunk, scale = ctx.settings
-        chunks = _chunks(L, block_size, chunk, query.dtype)
+        spans, n, block_size, chunk, scale = ctx.settings
+        chunks = _chunks(spans, block_size, chunk, query.dtype)
         q, k, v, o, g = (_bhsd(t) for t in (query, key, value, out, grad_out.contiguous()))
         d_query = torch.empty_like(query)
         d_key, d_value = torch.zeros_like(key), torch.zeros_like(value)
-        keys, values = _KeyBuffer(key, L, block_size), _KeyBuffer(value, L, block_size)
-        for i, (start, rows, x_t_mask, _) in enumerate(chunks):
-            span = slice(start, start + rows)
+        keys, values = _KeyBuffer(key, n, block_size, chunk), _KeyBuffer(value, n, block_size, chunk)
+        for i, (start, local, rows, x_t_mask, _) in enumerate(chunks):
+            span = slice(local, local + rows)
             x_t_mask = _with_documents(
-                x_t_mask, docs, span, _chunk_key_tokens(start, rows, block_size)
+                x_t_mask, docs, slice(start, start + rows), _chunk_key_tokens(start, rows, block_size)
             )
             dq, dk, dv = _flash_backward(
-                g[:, :, span], q[:, :, span], keys.for_chunk(start, rows),
-                values.for_chunk(start, rows), o[:, :, span], lse[i], 0.0, False,
+                g[:, :, span], q[:, :, span], keys.for_chunk(start, local, rows),
+                values.for_chunk(start, local, rows), o[:, :, span], lse[i], 0.0, False,
                 attn_mask=x_t_mask, scale=scale,
             )
             d_query[span] = dq.permute(2, 0, 1, 3)
-            keys.scatter_add(d_key, dk, start, rows)
-            values.scatter_add(d_value, dv, start, rows)
-        if query.size(0) == 2 * L:
-            for i, (start, rows, _, x_0_mask) in enumerate(chunks, start=len(chunks)):
-                span, visible = slice(L + start, L + start + rows), slice(L, L + start + rows)
+            keys.scatter_add(d_key, dk, start, local, rows)
+            values.scatter_add(d_value, dv, start, local, rows)
+        if query.size(0) == 2 * n:
+            for i, (start, local, rows, _, x_0_mask) in enumerate(chunks, start=len(chunks)):
+                span, visible = slice(n + local, n + local + rows), slice(n, n + start + rows)
                 x_0_mask = _with_documents(
                     x_0_mask, docs, slice(start, start + rows), torch.arange(start + rows)
                 )
@@ -197,33 +204,37 @@ class _BlockDiffusionAttention(torch.autograd.Function):
 
 
 class _KeyBuffer:
-    """Keys (or values) of the x_t chunk at rows [start, start + rows): x_0 rows 0 .. start +
-    tile - 1, then the chunk's own x_t rows (tile = _visible_x_0_tile). One buffer serves every
-    chunk in order: the x_0 prefix only grows, so moving on writes the new x_0 rows over the
+    """Keys (or values) of the x_t chunk at global positions [start, start + rows), local rows
+    [local, local + rows): x_0 rows 0 .. start + tile - 1, then the chunk's own x_t rows
+    (tile = _visible_x_0_tile). One buffer serves every chunk in order: the x_0 prefix only
+    grows (chunks come in increasing position), so moving on writes the new x_0 rows over the
     previous x_t rows and the new x_t rows after them."""
 
-    def __init__(self, source: Tensor, seq_length: int, block_size: int) -> None:
-        self.source, self.L, self.B = source, seq_length, block_size  # source [2L, b, np, hn]
-        self.buffer = torch.empty_like(source)  # at most L x_0 rows + one x_t chunk
+    def __init__(self, source: Tensor, noisy_rows: int, block_size: int, chunk: int) -> None:
+        self.source, self.n, self.B = source, noisy_rows, block_size  # [n + L, b, np, hn]
+        clean_rows = source.size(0) - noisy_rows
+        self.buffer = source.new_empty((clean_rows + chunk, *source.shape[1:]))
         self.filled = 0  # x_0 rows already in the buffer
 
-    def for_chunk(self, start: int, rows: int) -> Tensor:
-        L = self.L
+    def for_chunk(self, start: int, local: int, rows: int) -> Tensor:
+        n = self.n
         clean = start + _visible_x_0_tile(rows, self.B)  # x_0 rows gathered for this chunk
         if clean > self.filled:
-            self.buffer[self.filled : clean] = self.source[L + self.filled : L + clean]
+            self.buffer[self.filled : clean] = self.source[n + self.filled : n + clean]
             self.filled = clean
-        self.buffer[clean : clean + rows] = self.source[start : start + rows]
+        self.buffer[clean : clean + rows] = self.source[local : local + rows]
         return _bhsd(self.buffer[: clean + rows])
 
-    def scatter_add(self, grad_source: Tensor, grad_keys: Tensor, start: int, rows: int) -> None:
+    def scatter_add(
+        self, grad_source: Tensor, grad_keys: Tensor, start: int, local: int, rows: int
+    ) -> None:
         """Add the kernel's [b, np, keys, hn] key gradient of a chunk to its x_0 and x_t rows."""
-        L = self.L
+        n = self.n
         clean = start + _visible_x_0_tile(rows, self.B)
         grad_keys = grad_keys.permute(2, 0, 1, 3)  # [keys, b, np, hn]
         if clean:
-            grad_source[L : L + clean] += grad_keys[:clean]
-        grad_source[start : start + rows] += grad_keys[clean:]
+            grad_source[n : n + clean] += grad_keys[:clean]
+        grad_source[local : local + rows] += grad_keys[clean:]
 
 
 def block_diffusion_attention(
@@ -235,30 +246,42 @@ def block_diffusion_attention(
     softmax_scale: float,
     chunk: int | None = None,
     document_ids: Tensor | None = None,
+    spans: tuple[tuple[int, int], ...] | None = None,
 ) -> Tensor:
     """The BD3 training attention of [x_t ; x_0] (docs/method.md §1.1), block-structured.
 
     Args:
-        query: [2L, b, np, hn] (both streams), or [L, b, np, hn] for the x_t queries only.
-        key, value: [2L, b, np, hn] (kv heads already expanded to the query heads).
+        query: [2n, b, np, hn] (both streams at the n positions of `spans`), or [n, b, np, hn]
+            for the x_t queries only.
+        key, value: [n + L, b, np, hn]: the x_t rows at the same n positions, then the x_0 rows
+            of all L positions (kv heads already expanded to the query heads).
         seq_length, block_size: L and B.
         softmax_scale: the score scale (1/sqrt(hn) by default in the caller).
-        chunk: query rows per kernel call (default chunk_rows(L, B)).
+        chunk: query rows per kernel call (default chunk_rows of the shortest span, B).
         document_ids: optional [b, L] per-token document ids (docs/method.md §1.4): a query
-            then attends only to keys of its own document.
+            then attends only to keys of its own document (token indices are global, so the
+            restriction holds on any spans).
+        spans: the (first position, length) runs of whole blocks the n local positions are made
+            of, in increasing order (a context-parallel rank's chunks, model/context_parallel.py);
+            default ((0, L),): every position, query and key rows [x_t ; x_0] of 2L each.
 
     Returns:
         [sq, b, np, hn] attention output in the query's row order.
     """
     L = seq_length
-    if key.size(0) != 2 * L or value.size(0) != 2 * L or query.size(0) not in (L, 2 * L):
+    spans = ((0, L),) if spans is None else tuple(spans)
+    n = sum(length for _, length in spans)
+    if key.size(0) != n + L or value.size(0) != n + L or query.size(0) not in (n, 2 * n):
         raise ValueError(
-            f"block_diffusion_attention needs 2L = {2 * L} keys/values and L or 2L queries; got "
-            f"{query.size(0)} queries, {key.size(0)} keys, {value.size(0)} values"
+            f"block_diffusion_attention needs n + L = {n + L} keys/values and n or 2n queries "
+            f"(n = {n} local positions); got {query.size(0)} queries, {key.size(0)} keys, "
+            f"{value.size(0)} values"
         )
-    chunk = chunk or chunk_rows(L, block_size)
-    if chunk % block_size:
-        raise ValueError(f"chunk {chunk} must be a multiple of block_size {block_size}")
+    chunk = chunk or chunk_rows(min(length for _, length in spans), block_size)
+    if chunk % block_size or any(s % block_size or m % block_size for s, m in spans):
+        raise ValueError(
+            f"chunk {chunk} and the spans {spans} must be made of whole blocks of {block_size}"
+        )
     return _BlockDiffusionAttention.apply(
-        query, key, value, document_ids, L, block_size, chunk, softmax_scale
+        query, key, value, document_ids, spans, block_size, chunk, softmax_scale
     )

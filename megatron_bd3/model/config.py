@@ -229,15 +229,40 @@ class BD3Config(TransformerConfig):
                 f"BD3Config.embedding_dropout must be in [0, 1), got {self.embedding_dropout}"
             )
         self._validate_keyed_rng()
-        if self.context_parallel_size != 1:
-            raise ValueError(
-                f"context_parallel_size {self.context_parallel_size} is not supported by the BD3 "
-                "core attention (the 2L mask is not split across CP ranks); use 1"
-            )
-        if self.sequence_parallel and self.stream_length % self.tensor_model_parallel_size:
+        cp = self.context_parallel_size
+        if cp > 1:
+            # model/context_parallel.py: 2·CP chunks of whole blocks, both streams on every rank
+            if self.single_stream:
+                raise ValueError(
+                    f"context_parallel_size {cp} needs the two-stream input; the single-stream "
+                    "B = L model (single_stream_mdlm) has one block, which cannot be cut on block "
+                    "edges: set single_stream_mdlm=False or context_parallel_size 1"
+                )
+            if self.seq_length % (2 * cp * self.block_size):
+                raise ValueError(
+                    f"context_parallel_size {cp} cuts seq_length {self.seq_length} into {2 * cp} "
+                    f"chunks of whole blocks; seq_length must be a multiple of 2 x "
+                    f"context_parallel_size x block_size = {2 * cp * self.block_size}"
+                )
+            if self.document_mask:
+                raise ValueError(
+                    f"context_parallel_size {cp} with document_mask is not supported: the "
+                    "context-parallel attention has no document masks; use one of the two"
+                )
+            if self.dropout_rng == "keyed" and (
+                self.hidden_dropout > 0 or self.attention_dropout > 0 or (self.embedding_dropout or 0) > 0
+            ):
+                raise ValueError(
+                    f"context_parallel_size {cp} with dropout_rng 'keyed' and dropout on is not "
+                    "supported: keyed dropout keys rows by their position in the unsplit stream; "
+                    "set dropout_rng 'torch' (model.dropout_rng in a run config) or dropout 0"
+                )
+        local_stream = self.stream_length // cp
+        if self.sequence_parallel and local_stream % self.tensor_model_parallel_size:
             name, kind = ("L", "single-stream") if self.single_stream else ("2L", "two-stream")
+            name = name if cp == 1 else f"{name}/CP"
             raise ValueError(
-                f"sequence_parallel splits the {name} = {self.stream_length} {kind} tokens over "
+                f"sequence_parallel splits the {name} = {local_stream} {kind} tokens over "
                 f"tensor_model_parallel_size {self.tensor_model_parallel_size}; {name} must be a "
                 "multiple of it"
             )

@@ -147,6 +147,7 @@ class BD3SelfAttention(SelfAttention):
         own_attention = attention_mask is None or is_document_ids(attention_mask)
         if not self.x_t_rows_eligible or self.outputs != "x_t" or not own_attention:
             return None
-        seq_length = self.config.seq_length
+        # this rank's x_t positions: L, or L / CP under context parallelism
+        seq_length = self.config.seq_length // self.config.context_parallel_size
         return seq_length if rows == 2 * seq_length else None
 

@@ -27,6 +27,14 @@ Loss contract (megatron-core 0.16 schedules, `forward_step_calc_loss`): loss_fun
       gradients by the total token count (megatron's finalize_model_grads does).
 "lm loss" is this rank's [sum, count] (not reduced over data-parallel ranks): sum it over
 micro-batches and DP ranks and divide to get the token-weighted NELBO.
+
+Context parallelism (CP = c, model/context_parallel.py): the batch is the whole [b, L] on every
+CP rank; the model returns the terms of this rank's L/c positions. loss_func counts the whole
+micro-batch's tokens N (known on every rank: the full loss_mask, or b·L) and returns
+c · (this rank's sum) with N, so that the gradients averaged over the data-parallel x CP group
+(megatron DDP's dp-cp group, DeepSpeed's data-parallel group under CP) are those of
+(sum over all ranks) / N, the CP = 1 loss. Its report is [this rank's sum, N / c]: summed over the
+CP ranks it is the micro-batch's [sum, count].
 """
 
 from __future__ import annotations
@@ -45,21 +53,26 @@ BATCH_KEYS = ("x_0", "x_t", "masked", "loss_weight", "loss_mask", "document_ids"
 
 
 def loss_func(
-    loss_mask: Tensor | None, output_tensor: Tensor
+    loss_mask: Tensor | None, output_tensor: Tensor, context_parallel_size: int = 1
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Reduce the [b, L] per-token NELBO terms of one micro-batch.
 
     Returns (loss_sum, num_tokens, {"lm loss": tensor([loss_sum, num_tokens])}); num_tokens is
     the number of counted tokens (loss_mask.sum(), or b·L without a loss mask), the denominator
-    of the reference's per-token NELBO.
+    of the reference's per-token NELBO. Under context parallelism (output_tensor holds this
+    rank's [b, L/c] terms, loss_mask all [b, L]) see the module docstring.
     """
     token_loss = output_tensor.float()
     loss_sum = token_loss.sum()
+    cp = context_parallel_size
     if loss_mask is None:
-        num_tokens = torch.tensor(token_loss.numel(), dtype=torch.int, device=token_loss.device)
+        count = token_loss.numel() * cp
+        num_tokens = torch.tensor(count, dtype=torch.int, device=token_loss.device)
     else:
         num_tokens = loss_mask.sum().detach().to(torch.int)
-    report = torch.stack([loss_sum.detach().clone(), num_tokens.to(loss_sum.dtype)])
+    report = torch.stack([loss_sum.detach().clone(), num_tokens.to(loss_sum.dtype) / cp])
+    if cp > 1:
+        loss_sum = loss_sum * cp
     return loss_sum, num_tokens, {"lm loss": report}
 
 
@@ -71,9 +84,12 @@ def forward_step(
     Every stage consumes one batch from its iterator; middle stages may pass None as the
     iterator (they need no data). Returns (output_tensor, partial(loss_func, loss_mask)).
     """
+    from megatron.core import parallel_state
+
+    cp = parallel_state.get_context_parallel_world_size()
     batch = next(data_iterator) if data_iterator is not None else None
     if batch is None:
-        return model(None, None, None), partial(loss_func, None)
+        return model(None, None, None), partial(loss_func, None, context_parallel_size=cp)
     missing = [key for key in BATCH_KEYS[:4] if key not in batch]
     if missing:
         raise KeyError(f"BD3 batch is missing {missing}; expected keys {BATCH_KEYS}")
@@ -87,4 +103,4 @@ def forward_step(
         output_tensor = model(
             batch["x_t"], batch["x_0"], loss_inputs, document_ids=batch.get("document_ids")
         )
-    return output_tensor, partial(loss_func, loss_mask)
+    return output_tensor, partial(loss_func, loss_mask, context_parallel_size=cp)

@@ -81,12 +81,15 @@ class ModelConfig:
 
 @dataclass
 class ParallelSection:
-    """Model-parallel sizes; data parallel = world size / (TP * PP)."""
+    """Model-parallel sizes; data parallel = world size / (TP * PP * CP)."""
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
+    # Context parallelism: each CP rank holds L / CP positions of both streams (zig-zag chunks
+    # of whole blocks) and all-gathers the clean keys/values (docs/training.md §4).
+    context_parallel_size: int = 1
 
 
 @dataclass
@@ -482,6 +485,29 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_context_parallel(config: RunConfig) -> None:
+    """parallel.context_parallel_size > 1: what the CP layout (model/context_parallel.py) needs."""
+    m, cp = config.model, config.parallel.context_parallel_size
+    _require(
+        m.preset != "mdlm",
+        f"parallel.context_parallel_size {cp}: model.preset mdlm has one block (B = L), which "
+        "cannot be cut on block edges; use parallel.context_parallel_size 1",
+    )
+    block_size = m.effective_block_size
+    _require(
+        m.seq_length % (2 * cp * block_size) == 0,
+        f"parallel.context_parallel_size {cp} cuts model.seq_length {m.seq_length} into {2 * cp} "
+        f"chunks of whole blocks; model.seq_length must be a multiple of 2 x "
+        f"context_parallel_size x block_size = {2 * cp * block_size}",
+    )
+    # data.document_mask arrives with document-aware packing; the two do not compose yet.
+    _require(
+        not getattr(config.data, "document_mask", False),
+        f"parallel.context_parallel_size {cp} with data.document_mask true is not supported; "
+        "set one of them off",
+    )
+
+
 def validate(config: RunConfig) -> None:
     """Checks that need no runtime knowledge (world size, device, model code)."""
     m, t, o, s, v = (
@@ -515,8 +541,12 @@ def validate(config: RunConfig) -> None:
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
 
     p = config.parallel
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+    for name in (
+        "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"
+    ):
         _require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    if p.context_parallel_size > 1:
+        _validate_context_parallel(config)
     if p.virtual_pipeline_model_parallel_size is not None:
         _require(
             p.pipeline_model_parallel_size > 1,

@@ -94,15 +94,17 @@ class MegatronMPU:
     def get_pipeline_model_parallel_rank(self) -> int:
         return self._ps.get_pipeline_model_parallel_rank()
 
-    # data parallel
+    # data parallel, with the context-parallel ranks: they hold the same weights and each has
+    # the gradient of its positions' loss, so DeepSpeed averages (and ZeRO partitions) over
+    # DP x CP, as megatron DDP does (its dp-cp group); see megatron_bd3/model/step.py.
     def get_data_parallel_group(self):
-        return self._ps.get_data_parallel_group()
+        return self._ps.get_data_parallel_group(with_context_parallel=True)
 
     def get_data_parallel_world_size(self) -> int:
-        return self._ps.get_data_parallel_world_size()
+        return self._ps.get_data_parallel_world_size(with_context_parallel=True)
 
     def get_data_parallel_rank(self) -> int:
-        return self._ps.get_data_parallel_rank()
+        return self._ps.get_data_parallel_rank(with_context_parallel=True)
 
     def get_data_parallel_group_ranks(self) -> list[int]:
         return dist.get_process_group_ranks(self.get_data_parallel_group())

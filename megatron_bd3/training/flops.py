@@ -20,6 +20,8 @@ the 2L x 2L block-diffusion mask has density
 clean->clean; N = L / B). So the attention term is charged only for the entries the sparse
 (FlexAttention) kernel computes. The AR preset is B = 1 of the same two-stream model
 (rho = 1/4 + 1/(4L)); the single-stream MDLM (B = L, x_t alone, T = L) has rho = 1.
+Context parallelism changes none of these terms: the ranks split the same work, and the clean
+key/value exchange is communication (docs/training.md §4).
 """
 
 from __future__ import annotations

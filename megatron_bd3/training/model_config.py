@@ -54,6 +54,7 @@ def build_model_config(
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         sequence_parallel=p.sequence_parallel,
+        context_parallel_size=p.context_parallel_size,
         bf16=precision == "bf16",
         params_dtype=dtype,
         pipeline_dtype=dtype,

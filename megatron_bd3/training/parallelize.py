@@ -116,6 +116,7 @@ def initialize_from_config(run_config):
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
             sequence_parallel=p.sequence_parallel,
+            context_parallel_size=p.context_parallel_size,
             seed=run_config.training.seed,
         )
     )
@@ -555,6 +556,9 @@ def parallelize(
     if run_config.optimizer.backend == "megatron":
         return build_megatron_stepper(chunks, run_config, model_config, environment.precision)
     o, t = run_config.optimizer, run_config.training
+    # DeepSpeed reduces gradients over MegatronMPU's data-parallel group, which holds the CP
+    # ranks too (they must average their gradients), so its batch arithmetic counts them.
+    data_parallel_size *= run_config.parallel.context_parallel_size
     ds_config = resolve_deepspeed_config(
         environment.ds_json,
         micro_batch_size=t.micro_batch_size,

@@ -182,6 +182,7 @@ class Trainer:
                 "tp": info.tp_size,
                 "pp": info.pp_size,
                 "vpp": info.vpp_size,
+                "cp": info.cp_size,
                 "dp": info.dp_size,
                 "optimizer_backend": self.config.optimizer.backend,
                 "zero_stage": self.env.zero_stage,
@@ -220,7 +221,9 @@ class Trainer:
         t = cfg.training
         self._log0(
             f"run {cfg.logging.run_name}: world {info.world_size} = TP {info.tp_size} x PP "
-            f"{info.pp_size} x DP {info.dp_size}{f' (VPP {info.vpp_size})' if info.vpp_size else ''}"
+            f"{info.pp_size}{f' x CP {info.cp_size}' if info.cp_size > 1 else ''} x DP "
+            f"{info.dp_size}"
+            f"{f' (VPP {info.vpp_size})' if info.vpp_size else ''}"
             f"; {self.env.device_type} {self.env.precision}; optimizer {self.stepper.describe()};"
             f" {n_params:,} parameters on rank 0; global batch {t.global_batch_size} = micro "
             f"{t.micro_batch_size} x {self.num_microbatches} micro-batches x DP {info.dp_size}; "

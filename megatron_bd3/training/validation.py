@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bd3.diffusion import ClipRange, clip_search_grid
+from megatron_bd3.model.context_parallel import current_layout
 from megatron_bd3.parallel.runtime import all_reduce_host
 from megatron_bd3.training.batches import NoiseSettings, make_batch
 from megatron_bd3.training.clip_search import ClipSearchAccumulator, select_clip_range
@@ -72,6 +73,9 @@ def eval_forward_step(ignore_bos: bool, block_size: int, data_iterator, model):
     count_mask = batch.get("count_mask")
     if count_mask is None:
         count_mask = count_mask_for(batch["x_0"], ignore_bos)
+    layout = current_layout(count_mask.size(1), block_size)
+    if layout is not None:  # context parallelism: the output holds this rank's positions
+        count_mask = layout.local(count_mask)
     return output, partial(eval_loss, count_mask, block_size)
 
 

@@ -50,7 +50,8 @@ def test_same_bound_in_every_layout_and_for_the_standalone_directory(trained, tm
     assert (tmp_path / "one" / "likelihood.png").stat().st_size > 0
     for name, layout, launcher in (("dp2", [], "torchrun.sh"),
                                    ("tp2", ["--tensor-model-parallel-size", "2"], "deepspeed.sh"),
-                                   ("pp2", ["--pipeline-model-parallel-size", "2"], None)):
+                                   ("pp2", ["--pipeline-model-parallel-size", "2"], None),
+                                   ("cp2", ["--context-parallel-size", "2"], None)):
         args = [str(ckpt), *common(data, tmp_path / name), *layout, "--no-plots"]
         if launcher is None:
             run_distributed(EVAL_SCRIPT, 2, *args)

@@ -106,6 +106,18 @@ def test_bad_overrides_are_refused_naming_the_key(tmp_path, override, message):
             ["optimizer.backend=megatron", "optimizer.cpu_offload=true"],
             "optimizer.cpu_offload needs optimizer.backend=deepspeed",
         ),
+        (
+            ["parallel.context_parallel_size=2", "model.seq_length=48", "model.block_size=8"],
+            "model.seq_length must be a multiple of 2 x context_parallel_size x block_size = 32",
+        ),
+        (
+            ["parallel.context_parallel_size=2", "model.preset=mdlm", "model.block_size=null"],
+            "model.preset mdlm has one block (B = L), which cannot be cut on block edges",
+        ),
+        (
+            ["parallel.context_parallel_size=0"],
+            "parallel.context_parallel_size must be >= 1, got 0",
+        ),
     ],
 )
 def test_inconsistent_values_are_refused(tmp_path, overrides, message):

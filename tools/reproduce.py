@@ -31,12 +31,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tools.bench import common
 
 CONFIG = "wiki_repro.yaml"
 
@@ -250,26 +251,6 @@ def _mean_and_se(values: list[float]) -> list[float] | None:
     return [mean, math.sqrt(variance / len(values))]
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    return {name: version(name) for name in ("torch", "megatron-core", "deepspeed",
-                                             "sentencepiece", "megatron_bd3")}
-
-
-def _machine() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "system": platform.platform()}
-
-
 def collect(study: Study) -> dict:
     """Everything the report needs, from the stages' own outputs."""
     manifest = _read_json(study.data / "manifest.json")
@@ -316,8 +297,8 @@ def collect(study: Study) -> dict:
         "models": models,
         "paper": {"test_ppl_lm1b": PAPER_TEST_PPL, "table2_lm1b": PAPER_TABLE2,
                   "gen_ppl_owt": PAPER_GEN_PPL},
-        "machine": _machine(),
-        "versions": _versions(),
+        "machine": common.machine(),
+        "versions": common.versions(),
         "seconds": dict(study.timings),
     }
 
@@ -441,7 +422,7 @@ def build_report(study: Study) -> Path:
     machine, versions = results["machine"], results["versions"]
     header = [
         "## Results of this run", "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}; "
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB; "
         + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         f"{results['nproc']} training processes; {results['tokens_seen']} tokens seen per model "
         f"({results['scale']['train_iters']} steps x {results['scale']['global_batch']} x 128).",

@@ -51,7 +51,6 @@ from megatron_bd3.checkpoint.atomic import (
 )
 from megatron_bd3.checkpoint.reshard import (
     RESHARDABLE_DIR,
-    RESHARDABLE_LAYOUT_KEYS,
     describe_layout,
     layout_rule,
     load_reshardable,
@@ -258,11 +257,15 @@ def _compare(kind: str, saved: dict[str, Any], current: dict[str, Any], keys, di
         raise CheckpointError(f"{directory}: {kind} differs from this run ({'; '.join(problems)})")
 
 
+def _layout(record: dict[str, Any]) -> dict[str, Any]:
+    """A marker's or run record's layout, keys it predates (cp) at their defaults."""
+    return {**LAYOUT_DEFAULTS, **record.get("layout", {})}
+
+
 def layout_change(marker: dict[str, Any], record: dict[str, Any]) -> str | None:
     """None when the checkpoint was written in this run's layout; else "old -> new" (an elastic
     resume, see reshard.py)."""
-    saved = {**LAYOUT_DEFAULTS, **marker.get("layout", {})}
-    current = {**LAYOUT_DEFAULTS, **record.get("layout", {})}
+    saved, current = _layout(marker), _layout(record)
     if all(saved.get(key) == current.get(key) for key in LAYOUT_KEYS):
         return None
     return f"{describe_layout(saved)} -> {describe_layout(current)}"
@@ -283,11 +286,7 @@ def check_compatible(marker: dict[str, Any], record: dict[str, Any], directory: 
     if layout_change(marker, record) is None or marker.get("reshardable"):
         return
     try:
-        _compare(
-            "layout", {**LAYOUT_DEFAULTS, **marker.get("layout", {})},
-            {**LAYOUT_DEFAULTS, **record.get("layout", {})}, (*RESHARDABLE_LAYOUT_KEYS, "cp"),
-            directory,
-        )
+        _compare("layout", _layout(marker), _layout(record), LAYOUT_KEYS, directory)
     except CheckpointError as exc:
         raise CheckpointError(
             f"{exc}. This checkpoint has no layout-independent optimizer state "

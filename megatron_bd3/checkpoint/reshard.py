@@ -45,9 +45,6 @@ RESHARDABLE_DIR = "reshardable"
 #   per_rank    cannot follow a layout change: rederive(step) re-derives it deterministically
 RESHARDING_RULES = ("replicated", "sharded", "per_rank")
 
-# The layout fields an elastic resume may change; the optimizer backend may not.
-RESHARDABLE_LAYOUT_KEYS = ("tp", "pp", "vpp", "dp", "zero_stage")
-
 
 def layout_rule(name: str, component: Any) -> str:
     rule = getattr(component, "layout_rule", None)

@@ -500,9 +500,9 @@ def _validate_context_parallel(config: RunConfig) -> None:
         f"chunks of whole blocks; model.seq_length must be a multiple of 2 x "
         f"context_parallel_size x block_size = {2 * cp * block_size}",
     )
-    # data.document_mask arrives with document-aware packing; the two do not compose yet.
+    # the context-parallel dense and flex masks have no document masks (docs/training.md)
     _require(
-        not getattr(config.data, "document_mask", False),
+        not config.data.document_mask,
         f"parallel.context_parallel_size {cp} with data.document_mask true is not supported; "
         "set one of them off",
     )

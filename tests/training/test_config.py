@@ -115,6 +115,10 @@ def test_bad_overrides_are_refused_naming_the_key(tmp_path, override, message):
             "model.preset mdlm has one block (B = L), which cannot be cut on block edges",
         ),
         (
+            ["parallel.context_parallel_size=2", "data.document_mask=true"],
+            "parallel.context_parallel_size 2 with data.document_mask true is not supported",
+        ),
+        (
             ["parallel.context_parallel_size=0"],
             "parallel.context_parallel_size must be >= 1, got 0",
         ),

@@ -36,9 +36,11 @@ The attention contract (masks are True = may attend, see masks.py):
     AttentionPattern.CAUSAL  query i attends to keys <= i: SDPA with is_causal
 Nothing is recognised by identity: the same values passed as a tensor run as a caller's mask.
 Context parallelism (config.context_parallel_size > 1, model/context_parallel.py): the model's
-own attention gets this rank's rows [x_t ; x_0] (2L / CP), all-gathers the clean keys/values of
-every rank and runs the same kernels with the rank's own mask (block kernel over the rank's
-chunks, a per-rank BlockMask, or SDPA with the per-rank dense mask).
+own attention gets this rank's rows [x_t ; x_0] (2L / CP). With cp_comm_type 'all_gather' it
+all-gathers the clean keys/values of every rank and runs the same kernels with the rank's own
+mask (block kernel over the rank's chunks, a per-rank BlockMask, or SDPA with the per-rank dense
+mask); with 'p2p' the clean keys/values go around the CP ring (model/ring_attention.py, its own
+per-chunk kernels whatever attention_kernel says).
 FlexAttention on CPU has no backward, so a CPU flex call that would need gradients raises here,
 before autograd fails deep inside the backward pass.
 """
@@ -62,6 +64,7 @@ from megatron.core.utils import divide
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from megatron_bd3.model import block_attention
+from megatron_bd3.model.config import CP_COMM_TYPES
 from megatron_bd3.model.context_parallel import (
     ContextParallelLayout,
     dense_rank_mask,
@@ -77,6 +80,7 @@ from megatron_bd3.model.masks import (
     split_training_mask,
     training_attention_mask,
 )
+from megatron_bd3.model.ring_attention import ring_attention
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +205,15 @@ class BD3CoreAttention(MegatronModule):
                 config.seq_length, config.block_size, cp_size, pg_collection.cp.rank()
             )
             self.cp_group = pg_collection.cp
+            # megatron's TransformerLayer passes config.cp_comm_type when CP > 1
+            if cp_comm_type is None:
+                cp_comm_type = getattr(config, "cp_comm_type", None)
+            if cp_comm_type not in CP_COMM_TYPES:
+                raise ValueError(
+                    f"BD3CoreAttention's cp_comm_type {cp_comm_type!r} is not one of "
+                    f"{CP_COMM_TYPES}"
+                )
+        self.cp_comm_type = cp_comm_type
         if getattr(config, "attention_kernel", None) == "auto" and layer_number <= 1:
             logger.info(
                 "attention_kernel 'auto' resolved to %r (CUDA available: %s, attention_dropout %s)",
@@ -236,6 +249,14 @@ class BD3CoreAttention(MegatronModule):
         if document_ids is not None:
             attention_mask = None  # the model's own attention, restricted to documents
 
+        if attention_mask is None and self.cp_layout is not None and self.cp_comm_type == "p2p":
+            # the clean keys/values around the CP ring (model/ring_attention.py)
+            self._check_own_shapes(query.size(0), key.size(0))
+            context = ring_attention(
+                query, key, value, self.cp_layout, self.cp_group, self.softmax_scale,
+                document_ids=document_ids,
+            )  # [sq, b, np, hn]
+            return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)
         if attention_mask is None and self.cp_layout is not None:
             # [n or 2n, b, np, hn] queries, [2n, b, ng, hn] local keys -> [n + L, b, ng, hn]
             key, value = self._exchange_clean_key_values(query, key, value)

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 ATTENTION_KERNELS = ("flex", "sdpa", "auto")
 POSITION_EMBEDDING_TYPES = ("rope", "none")
+CP_COMM_TYPES = ("all_gather", "p2p")  # the clean key/value exchange of context parallelism
 _warned_cpu_flex = False  # the CPU-flex warning is logged once per process
 
 
@@ -155,6 +156,13 @@ class BD3Config(TransformerConfig):
     RoPE alone this shifts both positions of every attended pair equally, so the scores are the
     same up to rounding (docs/method.md §1.4)."""
 
+    cp_comm_type: str | list[str] | None = "all_gather"
+    """How context parallelism exchanges the clean stream's keys/values (megatron's field, one
+    value for every layer). 'all_gather': one all-gather per layer, the backward a
+    reduce-scatter (model/context_parallel.py). 'p2p': around the CP ring, merged by
+    log-sum-exp, the backward saving only this rank's tensors (model/ring_attention.py; no
+    attention dropout). docs/training.md "Context parallelism" compares them."""
+
     # -- fast paths: each computes the same loss and gradients (up to summation order, tested in
     # tests/model/test_fast_paths.py) for less work; off only to measure what it buys
     # (tools/bench/train_step_bench.py --without) or to check the equality.
@@ -230,6 +238,12 @@ class BD3Config(TransformerConfig):
             )
         self._validate_keyed_rng()
         cp = self.context_parallel_size
+        if self.cp_comm_type not in CP_COMM_TYPES:
+            raise ValueError(
+                f"BD3Config.cp_comm_type {self.cp_comm_type!r} is not one of {CP_COMM_TYPES} "
+                "(the BD3 context-parallel exchanges; parallel.context_parallel_comm in a run "
+                "config)"
+            )
         if cp > 1:
             # model/context_parallel.py: 2·CP chunks of whole blocks, both streams on every rank
             if self.single_stream:
@@ -243,6 +257,12 @@ class BD3Config(TransformerConfig):
                     f"context_parallel_size {cp} cuts seq_length {self.seq_length} into {2 * cp} "
                     f"chunks of whole blocks; seq_length must be a multiple of 2 x "
                     f"context_parallel_size x block_size = {2 * cp * self.block_size}"
+                )
+            if self.cp_comm_type == "p2p" and self.attention_dropout > 0:
+                raise ValueError(
+                    f"context_parallel_size {cp} with cp_comm_type 'p2p' has no attention "
+                    f"dropout (attention_dropout {self.attention_dropout}); set it to 0 or use "
+                    "cp_comm_type 'all_gather'"
                 )
             if self.document_mask:
                 raise ValueError(

@@ -275,7 +275,8 @@ class _RingAttention(torch.autograd.Function):
         ring, hn = _Ring(group), key.size(-1)
         groups = query.size(2) // key.size(2)
         q = _bhsd(query)
-        out = query.new_zeros((query.size(1), query.size(2), query.size(0), hn), dtype=torch.float32)
+        sq, b, heads = query.shape[:3]
+        out = query.new_zeros((b, heads, sq, hn), dtype=torch.float32)  # running output
         lse = out.new_full(out.shape[:3], _NEG_INF)  # [b, np, sq]
         clean = torch.cat([key[n:], value[n:]], dim=-1).contiguous()  # [n, b, ng, 2 hn]
         for step in range(size):

@@ -88,8 +88,10 @@ class ParallelSection:
     virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     # Context parallelism: each CP rank holds L / CP positions of both streams (zig-zag chunks
-    # of whole blocks) and all-gathers the clean keys/values (docs/training.md §4).
+    # of whole blocks) and exchanges the clean keys/values (docs/training.md §4).
     context_parallel_size: int = 1
+    # How: "all_gather" (one all-gather per layer) or "p2p" (around the ring; less memory).
+    context_parallel_comm: Literal["all_gather", "p2p"] = "all_gather"
 
 
 @dataclass

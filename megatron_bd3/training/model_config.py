@@ -55,6 +55,7 @@ def build_model_config(
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         sequence_parallel=p.sequence_parallel,
         context_parallel_size=p.context_parallel_size,
+        cp_comm_type=p.context_parallel_comm,
         bf16=precision == "bf16",
         params_dtype=dtype,
         pipeline_dtype=dtype,

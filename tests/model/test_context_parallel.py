@@ -17,15 +17,45 @@ WORKERS = Path(__file__).parent / "workers"
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp, nproc", [(1, 2), (2, 4)])
-def test_context_parallel_matches_single_rank(tp, nproc):
-    """CP = 2 (and CP = 2 x TP = 2 with sequence parallel): loss, every gradient and the logits
-    of each rank's positions equal CP = 1, on the block, dense SDPA and flex (forward) kernels;
+@pytest.mark.parametrize(
+    "tp, cp, comm",
+    [(1, 2, "all_gather"), (2, 2, "all_gather"), (1, 2, "p2p"), (1, 4, "p2p"), (2, 2, "p2p")],
+)
+def test_context_parallel_matches_single_rank(tp, cp, comm):
+    """CP = 2 (and CP = 2 x TP = 2 with sequence parallel, and with the ring CP = 4, a ring of
+    3 steps): loss, every gradient and the logits of each rank's positions equal CP = 1; the
+    all-gather on the block, dense SDPA and flex (forward) kernels, the ring ('p2p') on its own;
     the exchanged bytes equal the formula."""
-    output = run_distributed(WORKERS / "context_parallel.py", nproc, str(tp))
+    nproc = tp * cp
+    output = run_distributed(WORKERS / "context_parallel.py", nproc, str(tp), str(cp), comm)
+    phases = ("ring",) if comm == "p2p" else ("block", "dense_sdpa", "flex")
     for rank in range(nproc):
-        for phase in ("block", "dense_sdpa", "flex"):
-            assert f"CP OK tp{tp}_cp2_{phase} rank={rank}" in output
+        for phase in phases:
+            assert f"CP OK tp{tp}_cp{cp}_{phase} rank={rank}" in output
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("cp", [2, 4])
+def test_ring_attention_matches_masked_softmax(cp):
+    """The ring exchange alone on CP ranks: output and query/key/value gradients equal a
+    brute-force softmax under the reference mask (both streams, x_t queries only, grouped-query
+    heads, random documents; the CPU flash kernel and the plain-torch path); bytes sent equal
+    (CP - 1) x forward and 2 (CP - 1) x backward."""
+    output = run_distributed(WORKERS / "ring_attention.py", cp)
+    cases = ("both_streams", "x_t_only", "documents", "documents_x_t_only",
+             "plain_torch_documents")
+    for rank in range(cp):
+        for case in cases:
+            assert f"RING OK {case} cp{cp} rank={rank}" in output
+
+
+def test_refuses_unknown_exchange_and_ring_dropout():
+    message = r"cp_comm_type 'a2a' is not one of \('all_gather', 'p2p'\)"
+    with pytest.raises(ValueError, match=message):
+        BD3Config(**tiny_overrides(context_parallel_size=2, cp_comm_type="a2a"))
+    with pytest.raises(ValueError, match="cp_comm_type 'p2p' has no attention dropout"):
+        BD3Config(**tiny_overrides(context_parallel_size=2, cp_comm_type="p2p",
+                                   attention_dropout=0.1))
 
 
 def test_layout_is_zig_zag_on_block_edges():

@@ -122,6 +122,10 @@ def test_bad_overrides_are_refused_naming_the_key(tmp_path, override, message):
             ["parallel.context_parallel_size=0"],
             "parallel.context_parallel_size must be >= 1, got 0",
         ),
+        (
+            ["parallel.context_parallel_size=2", "parallel.context_parallel_comm=ring"],
+            "parallel.context_parallel_comm: expected 'all_gather' | 'p2p', got 'ring'",
+        ),
     ],
 )
 def test_inconsistent_values_are_refused(tmp_path, overrides, message):

@@ -75,3 +75,10 @@ def test_rng_keys_reach_the_model_config():
         build({"model": {"recompute": "full", "dropout": 0.1}})
     build({"model": {"recompute": "full", "dropout": 0.1, "dropout_rng": "torch"}})
     build({"model": {"recompute": "full", "dropout": 0.0}})
+
+
+def test_context_parallel_comm_reaches_the_model_config():
+    for comm in ("all_gather", "p2p"):
+        _, mc = build({"model": {"seq_length": 32, "block_size": 4, "dropout": 0.0},
+                       "parallel": {"context_parallel_size": 2, "context_parallel_comm": comm}})
+        assert (mc.context_parallel_size, mc.cp_comm_type) == (2, comm)

@@ -1,4 +1,5 @@
-"""Worker: context parallelism against one rank, on 2 ranks (CP = 2) or 4 ranks (CP = 2 x TP = 2).
+"""Worker: context parallelism against one rank, on 2 ranks (CP = 2) or 4 ranks (CP = 2 x TP = 2
+or CP = 4), with the all-gather or the ring ('p2p') exchange of the clean keys/values.
 
 Phase 1 (TP = CP = 1, every rank replicates the model): per-token NELBO loss, gradients and the
 x_t logits of a tiny GQA model. Phase 2 (CP = 2, with TP = 2 on 4 ranks): the same weights (split
@@ -11,9 +12,12 @@ sequence parallel). Checked:
   every gradient of CP = 1;
 * the logits of this rank's positions equal the CP = 1 logits at those positions (the positions
   are written here from the zig-zag definition, not read from the model);
-* the exchanged volume: bytes counted by the exchange equal (CP - 1) x (L / CP) x b x
-  (query groups / TP) x 2 head_dim x 4 bytes per layer, forward and backward;
-* FlexAttention (CPU, forward only, eager) gives the same logits.
+* the exchanged volume: bytes counted by the exchange equal x = (CP - 1) x (L / CP) x b x
+  (query groups / TP) x 2 head_dim x 4 bytes per layer forward; backward x with the all-gather
+  (its reduce-scatter), 2x with the ring (the keys/values again and their gradients);
+* FlexAttention (CPU, forward only, eager) gives the same logits (all-gather; the ring runs its
+  own per-chunk kernels whatever the attention kernel).
+With 'p2p' the phase is "ring" (with TP = 2 also sequence parallel).
 Prints "CP OK <phase> ..." per phase on every rank.
 """
 
@@ -81,8 +85,7 @@ def grads_of(model: BD3Model, tp: int, cp: int) -> dict[str, torch.Tensor]:
     return grads
 
 
-def main(tp: int) -> None:
-    cp = 2
+def main(tp: int, cp: int, comm: str) -> None:
     batch = random_batch(BATCH, seed=5, seq_length=L)
 
     initialize_parallel(ParallelConfig(seed=3))
@@ -101,7 +104,10 @@ def main(tp: int) -> None:
     positions = zig_zag_positions(info.cp_rank, cp)
     # with TP, the dense phase also runs sequence parallel (its 2L / CP rows split over TP)
     dense = dict(cpu_block_attention=False, sequence_parallel=tp > 1)
-    for phase, extra in (("block", {}), ("dense_sdpa", dense)):
+    phases = (("block", {}), ("dense_sdpa", dense))
+    if comm == "p2p":
+        phases = (("ring", dict(cp_comm_type="p2p", sequence_parallel=tp > 1)),)
+    for phase, extra in phases:
         model = BD3Model(config(tp, cp, **extra))
         shards = {
             name: tp_shard(name, tensor, info.tp_rank, tp, model.padded_vocab_size)
@@ -126,11 +132,15 @@ def main(tp: int) -> None:
         # forward (the last layer too: its queries are x_t only, its keys all) and backward
         per_layer = (cp - 1) * (L // cp) * BATCH * (GROUPS // tp) * 2 * HEAD_DIM * 4
         # forward_logits ran one more forward (under no_grad) after the counted step
-        expected = (2 * LAYERS * per_layer, LAYERS * per_layer)
+        backward = 2 * per_layer if comm == "p2p" else per_layer
+        expected = (2 * LAYERS * per_layer, LAYERS * backward)
         assert sent == expected, f"{phase}: exchanged {sent} bytes, formula {expected}"
         print(f"CP OK tp{tp}_cp{cp}_{phase} rank={info.rank} loss={float(total[0] / total[1]):.6f}"
               f" max_grad_diff={worst:.2e} bytes_forward={sent[0]} bytes_backward={sent[1]}")
 
+    if comm == "p2p":
+        destroy_parallel()
+        return
     # FlexAttention with this rank's BlockMask (CPU: forward only, eager)
     model = BD3Model(config(tp, cp, attention_kernel="flex", x_t_only_last_layer=False))
     model.load_state_dict({
@@ -146,4 +156,4 @@ def main(tp: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

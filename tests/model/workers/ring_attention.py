@@ -23,7 +23,8 @@ from megatron_bd3.model.context_parallel import ContextParallelLayout, exchange_
 from megatron_bd3.model.ring_attention import ring_attention
 from tests.model.helpers import reference_bd3_mask
 
-L, B, BATCH, HEADS, HEAD_DIM, SCALE = 96, 4, 2, 4, 8, 0.35  # L: 2 x CP x B divides it for CP 2, 3, 4
+# L: a multiple of 2 x CP x B for CP = 2, 3 and 4
+L, B, BATCH, HEADS, HEAD_DIM, SCALE = 96, 4, 2, 4, 8, 0.35
 
 
 def zig_zag_positions(rank: int, cp: int) -> torch.Tensor:
@@ -95,7 +96,8 @@ def main() -> None:
         torch.testing.assert_close(out.double(), expected[query_rows].detach(),
                                    atol=1e-5, rtol=1e-4, msg=f"{case} output")
         # the key/value gradients of this rank's rows hold the contributions of every rank
-        for name, got, want, rows in (("q", mine[0], q64, query_rows), ("k", mine[1], k64, key_rows),
+        for name, got, want, rows in (("q", mine[0], q64, query_rows),
+                                      ("k", mine[1], k64, key_rows),
                                       ("v", mine[2], v64, key_rows)):
             torch.testing.assert_close(got.grad.double(), want.grad[rows], atol=1e-5, rtol=1e-4,
                                        msg=f"{case} d{name}")

@@ -8,7 +8,9 @@ Per sequence length three cases of one forward + backward of one micro-batch thr
 (no optimizer, so the attention and activations are what differ):
     cp1             one rank, the model's own attention
     cp2             CP = 2: zig-zag chunks, the clean keys/values all-gathered
-                    (megatron_bd3/model/context_parallel.py)
+                    (cp_comm_type 'all_gather', megatron_bd3/model/context_parallel.py)
+    cp2_p2p         CP = 2: the same chunks, the clean keys/values sent around the ring
+                    (cp_comm_type 'p2p', megatron_bd3/model/ring_attention.py)
     cp2_allgather   CP = 2, the baseline without the BD3 structure: every rank all-gathers the
                     queries, keys and values of both streams and runs the dense [2L, 2L] mask over
                     all 2L queries (the approach that pays CP times the attention FLOPs), then
@@ -17,7 +19,7 @@ Per sequence length three cases of one forward + backward of one micro-batch thr
 Measured per rank (the larger of the two ranks is reported): peak memory of the step (CPU: the
 growth of the peak RSS over the RSS before the first step; CUDA: max_memory_allocated), the median
 step time, and the bytes this rank sent per step (ExchangeMeter: (CP - 1) x the local payload of
-each all-gather / reduce-scatter). The FLOP table is computed from training/flops.py.
+each all-gather / reduce-scatter; each ring message's payload). The FLOP table is computed from training/flops.py.
 
 Each case runs in its own torchrun launch (gloo on CPU, nccl on CUDA). Results:
 runs/bench/long_context.json (with the machine, versions and the load average before and after).
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CASES = ("cp1", "cp2", "cp2_allgather")
+CASES = ("cp1", "cp2", "cp2_p2p", "cp2_allgather")
 
 # The benchmark network: small enough for two CPU cores at 2L = 8192 tokens, attention-heavy.
 MODEL = dict(num_layers=2, hidden_size=256, num_attention_heads=4, ffn_hidden_size=1024,
@@ -122,6 +124,7 @@ def worker(args: argparse.Namespace) -> None:
                        num_layers=m["num_layers"], hidden_size=m["hidden_size"],
                        num_attention_heads=m["num_attention_heads"],
                        ffn_hidden_size=m["ffn_hidden_size"], context_parallel_size=cp,
+                       cp_comm_type="p2p" if args.case == "cp2_p2p" else "all_gather",
                        attention_kernel="flex" if cuda else "sdpa")
     spec = get_bd3_layer_spec(config)
     if args.case == "cp2_allgather":

@@ -92,7 +92,8 @@ def megatron_loss_model(source, info, *, device_type: str, precision: str):
     config.model.recompute = None
     parallel = ParallelSection(tensor_model_parallel_size=info.tp_size,
                                pipeline_model_parallel_size=info.pp_size,
-                               context_parallel_size=info.cp_size)
+                               context_parallel_size=info.cp_size,
+                               context_parallel_comm=config.parallel.context_parallel_comm)
     try:
         model_config = build_model_config(config, vocab_size=source.vocab_size,
                                           mask_token_id=source.mask_token_id,

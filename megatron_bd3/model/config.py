@@ -156,12 +156,13 @@ class BD3Config(TransformerConfig):
     RoPE alone this shifts both positions of every attended pair equally, so the scores are the
     same up to rounding (docs/method.md §1.4)."""
 
-    cp_comm_type: str | list[str] | None = "all_gather"
+    cp_comm_type: str | list[str] | None = "p2p"
     """How context parallelism exchanges the clean stream's keys/values (megatron's field, one
-    value for every layer). 'all_gather': one all-gather per layer, the backward a
-    reduce-scatter (model/context_parallel.py). 'p2p': around the CP ring, merged by
-    log-sum-exp, the backward saving only this rank's tensors (model/ring_attention.py; no
-    attention dropout). docs/training.md "Context parallelism" compares them."""
+    value for every layer). 'p2p' (the default: less memory at the same step time, measured in
+    docs/bench/long-context.md): around the CP ring, merged by log-sum-exp, the backward saving
+    only this rank's tensors (model/ring_attention.py; no attention dropout). 'all_gather': one
+    all-gather per layer, the backward a reduce-scatter, the attention on the configured kernel
+    (model/context_parallel.py). docs/training.md "Context parallelism" compares them."""
 
     # -- fast paths: each computes the same loss and gradients (up to summation order, tested in
     # tests/model/test_fast_paths.py) for less work; off only to measure what it buys

@@ -155,8 +155,8 @@ def test_pp2_interleaved_vpp2_matches_one_process(reference):
 
 @pytest.mark.distributed
 def test_cp2_recompute_resume_and_conversion_match_one_process(cp_reference, tmp_path):
-    """CP = 2 (with full activation recompute): the same losses and validation (clip search
-    included) as one process, through a stop at step 3 and a resume from its checkpoint; the
+    """CP = 2 (with full activation recompute, the default ring exchange): the same losses and
+    validation (clip search included) as one process, through a stop at step 3 and a resume from its checkpoint; the
     final checkpoint converts to a standalone network with the reference run's weights."""
     from megatron_bd3.convert.trainer_checkpoint import checkpoint_to_standalone
     from megatron_bd3.standalone.model import BD3Network
@@ -198,14 +198,16 @@ def test_cp2_recompute_resume_and_conversion_match_one_process(cp_reference, tmp
 
 @pytest.mark.distributed
 def test_pp2_cp2_matches_one_process(cp_reference):
-    """PP = 2 x CP = 2 on 4 ranks: megatron's schedule sends the 2L / CP rows between stages."""
+    """PP = 2 x CP = 2 on 4 ranks: megatron's schedule sends the 2L / CP rows between stages;
+    the all-gather exchange (the CP = 2 test above runs the default ring)."""
     reference = cp_reference
     losses, vals = run_layout(
         reference,
         "pp2_cp2",
         4,
         model=CP_MODEL,
-        parallel={"pipeline_model_parallel_size": 2, "context_parallel_size": 2},
+        parallel={"pipeline_model_parallel_size": 2, "context_parallel_size": 2,
+                  "context_parallel_comm": "all_gather"},
         validation={"micro_batch_size": 2},
     )
     assert_same(reference, losses, vals)

@@ -18,7 +18,8 @@ Per sequence length three cases of one forward + backward of one micro-batch thr
                     spec; its exchange goes through the same counted all-gather as cp2.
 Measured per rank (the larger of the two ranks is reported): peak memory of the step (CPU: the
 growth of the peak RSS over the RSS before the first step; CUDA: max_memory_allocated), the median
-step time, and the bytes this rank sent per step (ExchangeMeter: (CP - 1) x the local payload of
+step time (wall, and the process's CPU time: with one thread per process it is the step's own
+work, less disturbed by other load than the wall time), and the bytes this rank sent per step (ExchangeMeter: (CP - 1) x the local payload of
 each all-gather / reduce-scatter; each ring message's payload). The FLOP table is computed from training/flops.py.
 
 Each case runs in its own torchrun launch (gloo on CPU, nccl on CUDA). Results:
@@ -153,15 +154,16 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     rss_before = _current_rss_bytes()
-    walls, sent, report = [], None, None
+    walls, cpus, sent, report = [], [], None, None
     for index in range(1 + args.steps):  # the first step warms up (and builds the masks)
         exchange_meter.reset()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         report = step()
         if cuda:
             torch.cuda.synchronize()
         if index:
             walls.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - start_cpu)
         sent = exchange_meter.forward_bytes + exchange_meter.backward_bytes
     if cuda:
         peak = torch.cuda.max_memory_allocated()
@@ -171,9 +173,11 @@ def worker(args: argparse.Namespace) -> None:
     if cp > 1:
         torch.distributed.all_reduce(total)
     walls.sort()
+    cpus.sort()
     print("RESULT " + json.dumps({
         "case": args.case, "seq_length": L, "rank": info.rank, "cp": cp,
         "peak_memory_bytes": int(peak), "step_seconds": walls[len(walls) // 2],
+        "step_cpu_seconds": cpus[len(cpus) // 2],
         "bytes_sent_per_step": int(sent), "loss": float(total[0] / total[1]),
     }), flush=True)
     destroy_parallel()
@@ -252,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
 
     record = {"machine": common.machine(), "versions": common.versions(), "model": MODEL,
               "command": " ".join(sys.argv), "load_before": os.getloadavg(), "rows": []}
-    print("| L | case | peak memory MiB/rank | step s | MiB sent/step/rank | loss |")
-    print("|---|---|---|---|---|---|")
+    print("| L | case | peak memory MiB/rank | step s | step CPU s | MiB sent/step/rank | loss |")
+    print("|---|---|---|---|---|---|---|")
     for seq_length in args.lengths:
         for case in args.cases:
             results = run_case(case, seq_length, args.steps, args.device)
@@ -261,12 +265,14 @@ def main(argv: list[str] | None = None) -> int:
                 "seq_length": seq_length, "case": case,
                 "peak_memory_bytes": max(r["peak_memory_bytes"] for r in results),
                 "step_seconds": max(r["step_seconds"] for r in results),
+                "step_cpu_seconds": max(r["step_cpu_seconds"] for r in results),
                 "bytes_sent_per_step": max(r["bytes_sent_per_step"] for r in results),
                 "loss": results[0]["loss"], "ranks": results, "load": os.getloadavg()[0],
             }
             record["rows"].append(row)
             print(f"| {seq_length} | {case} | {row['peak_memory_bytes'] / 2**20:.0f} | "
-                  f"{row['step_seconds']:.2f} | {row['bytes_sent_per_step'] / 2**20:.1f} | "
+                  f"{row['step_seconds']:.2f} | {row['step_cpu_seconds']:.2f} | "
+                  f"{row['bytes_sent_per_step'] / 2**20:.1f} | "
                   f"{row['loss']:.5f} |", flush=True)
         record.setdefault("flops", {})[seq_length] = attention_flops(seq_length, 2)
     record["load_after"] = os.getloadavg()

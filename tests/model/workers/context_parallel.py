@@ -103,8 +103,8 @@ def main(tp: int, cp: int, comm: str) -> None:
     cp_group = parallel_state.get_context_parallel_group()
     positions = zig_zag_positions(info.cp_rank, cp)
     # with TP, the dense phase also runs sequence parallel (its 2L / CP rows split over TP)
-    dense = dict(cpu_block_attention=False, sequence_parallel=tp > 1)
-    phases = (("block", {}), ("dense_sdpa", dense))
+    dense = dict(cpu_block_attention=False, sequence_parallel=tp > 1, cp_comm_type=comm)
+    phases = (("block", dict(cp_comm_type=comm)), ("dense_sdpa", dense))
     if comm == "p2p":
         phases = (("ring", dict(cp_comm_type="p2p", sequence_parallel=tp > 1)),)
     for phase, extra in phases:
@@ -142,7 +142,8 @@ def main(tp: int, cp: int, comm: str) -> None:
         destroy_parallel()
         return
     # FlexAttention with this rank's BlockMask (CPU: forward only, eager)
-    model = BD3Model(config(tp, cp, attention_kernel="flex", x_t_only_last_layer=False))
+    model = BD3Model(config(tp, cp, attention_kernel="flex", x_t_only_last_layer=False,
+                            cp_comm_type=comm))
     model.load_state_dict({
         name: tp_shard(name, tensor, info.tp_rank, tp, model.padded_vocab_size)
         for name, tensor in state.items() if isinstance(tensor, torch.Tensor)

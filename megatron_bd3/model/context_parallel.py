@@ -12,7 +12,8 @@ clean query the clean blocks up to its own, so the work of a position grows with
 chunk 2c − 1 − r together cost the same on every rank. Why the same positions in both streams:
 a noisy query's own noisy block is then on its rank, so noisy keys and values never leave it.
 
-Exchange. The only keys a rank lacks are clean ones of earlier positions. Each layer all-gathers
+Exchange (cp_comm_type 'all_gather'; the ring, 'p2p', is model/ring_attention.py).
+The only keys a rank lacks are clean ones of earlier positions. Each layer all-gathers
 the clean stream's keys and values ([L/c, b, ng, 2·hn] per rank, K and V in one message) into
 the global order ([L, b, ng, 2·hn]); the backward reduce-scatters (sums) their gradients back to
 the ranks that own them (`gather_clean_key_values`). Per layer and micro-batch a rank therefore

@@ -192,8 +192,25 @@ class BD3Config(TransformerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._validate_bd3()
+        self._validate_context_parallel_exchange()
 
     # -- validation -------------------------------------------------------------------------------
+
+    def _validate_context_parallel_exchange(self) -> None:
+        """cp_comm_type: one of the two exchanges; the ring has no attention dropout."""
+        if self.cp_comm_type not in CP_COMM_TYPES:
+            raise ValueError(
+                f"BD3Config.cp_comm_type {self.cp_comm_type!r} is not one of {CP_COMM_TYPES} "
+                "(the BD3 context-parallel exchanges; parallel.context_parallel_comm in a run "
+                "config)"
+            )
+        cp = self.context_parallel_size
+        if cp > 1 and self.cp_comm_type == "p2p" and self.attention_dropout > 0:
+            raise ValueError(
+                f"context_parallel_size {cp} with cp_comm_type 'p2p' has no attention dropout "
+                f"(attention_dropout {self.attention_dropout}); set it to 0 or use "
+                "cp_comm_type 'all_gather'"
+            )
 
     def _validate_bd3(self) -> None:
         if self.seq_length <= 0:
@@ -239,12 +256,6 @@ class BD3Config(TransformerConfig):
             )
         self._validate_keyed_rng()
         cp = self.context_parallel_size
-        if self.cp_comm_type not in CP_COMM_TYPES:
-            raise ValueError(
-                f"BD3Config.cp_comm_type {self.cp_comm_type!r} is not one of {CP_COMM_TYPES} "
-                "(the BD3 context-parallel exchanges; parallel.context_parallel_comm in a run "
-                "config)"
-            )
         if cp > 1:
             # model/context_parallel.py: 2·CP chunks of whole blocks, both streams on every rank
             if self.single_stream:
@@ -258,12 +269,6 @@ class BD3Config(TransformerConfig):
                     f"context_parallel_size {cp} cuts seq_length {self.seq_length} into {2 * cp} "
                     f"chunks of whole blocks; seq_length must be a multiple of 2 x "
                     f"context_parallel_size x block_size = {2 * cp * self.block_size}"
-                )
-            if self.cp_comm_type == "p2p" and self.attention_dropout > 0:
-                raise ValueError(
-                    f"context_parallel_size {cp} with cp_comm_type 'p2p' has no attention "
-                    f"dropout (attention_dropout {self.attention_dropout}); set it to 0 or use "
-                    "cp_comm_type 'all_gather'"
                 )
             if self.document_mask:
                 raise ValueError(

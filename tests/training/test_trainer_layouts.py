@@ -197,17 +197,18 @@ def test_cp2_recompute_resume_and_conversion_match_one_process(cp_reference, tmp
 
 
 @pytest.mark.distributed
-def test_pp2_cp2_matches_one_process(cp_reference):
-    """PP = 2 x CP = 2 on 4 ranks: megatron's schedule sends the 2L / CP rows between stages;
-    the all-gather exchange (the CP = 2 test above runs the default ring)."""
+@pytest.mark.parametrize("comm", ["all_gather", "p2p"])
+def test_pp2_cp2_matches_one_process(cp_reference, comm):
+    """PP = 2 x CP = 2 on 4 ranks, with either exchange of the clean keys/values: megatron's
+    schedule sends the 2L / CP rows between stages."""
     reference = cp_reference
     losses, vals = run_layout(
         reference,
-        "pp2_cp2",
+        f"pp2_cp2_{comm}",
         4,
         model=CP_MODEL,
         parallel={"pipeline_model_parallel_size": 2, "context_parallel_size": 2,
-                  "context_parallel_comm": "all_gather"},
+                  "context_parallel_comm": comm},
         validation={"micro_batch_size": 2},
     )
     assert_same(reference, losses, vals)

@@ -136,7 +136,8 @@ class ExchangeMeter:
 
     A ring all-gather (or reduce-scatter) of a local payload of x bytes over c ranks sends
     (c − 1)·x bytes from each rank; that is what is counted (the same volume NCCL's bus
-    bandwidth is defined by). Read by the tests and tools/bench/long_context_bench.py."""
+    bandwidth is defined by). The ring exchange (ring_attention.py) counts the payload of each
+    message it sends. Read by the tests and tools/bench/long_context_bench.py."""
 
     def __init__(self) -> None:
         self.reset()

@@ -117,3 +117,34 @@ def test_rank_attention_matches_masked_softmax(seq_length, block_size, cp, x_t_o
         got = torch.autograd.grad(out, (q, k, v), grad.float())
         for name, g, w in zip("qkv", got, want, strict=True):
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_ring_skips_the_chunk_pairs_the_mask_excludes(cp):
+    """A ring step with another rank computes, per stream, exactly the (query chunk, key chunk)
+    pairs whose key chunk lies earlier (two of four), each without a mask; the others are
+    skipped."""
+    from megatron_bd3.model.ring_attention import _step_pairs
+
+    L, B = 16 * cp, 4
+    chunk = L // (2 * cp)
+    for rank in range(cp):
+        layout = ContextParallelLayout(L, B, cp, rank)
+        for source in set(range(cp)) - {rank}:
+            pairs = _step_pairs(layout, source, 2 * layout.local_length, torch.float32,
+                                torch.device("cpu"))
+            computed = set()
+            for pair in pairs:
+                assert pair.mask is None and pair.empty_rows is None
+                assert pair.queries.stop - pair.queries.start == chunk
+                stream = "x_t" if pair.queries.start < layout.local_length else "x_0"
+                computed.add((stream, int(pair.query_tokens[0]) // chunk,
+                              int(pair.key_tokens[0]) // chunk))
+            expected = {
+                (stream, q, k)
+                for stream in ("x_t", "x_0")
+                for q in (rank, 2 * cp - 1 - rank)
+                for k in (source, 2 * cp - 1 - source)
+                if k < q
+            }
+            assert computed == expected and len(pairs) == 4

@@ -155,9 +155,10 @@ def test_pp2_interleaved_vpp2_matches_one_process(reference):
 
 @pytest.mark.distributed
 def test_cp2_recompute_resume_and_conversion_match_one_process(cp_reference, tmp_path):
-    """CP = 2 (with full activation recompute, the default ring exchange): the same losses and
-    validation (clip search included) as one process, through a stop at step 3 and a resume from its checkpoint; the
-    final checkpoint converts to a standalone network with the reference run's weights."""
+    """CP = 2 (with full activation recompute): the same losses and validation (clip search
+    included) as one process, through a stop at step 3 with the default ring exchange and a
+    resume from its checkpoint with the all-gather; the final checkpoint converts to a
+    standalone network with the reference run's weights."""
     from megatron_bd3.convert.trainer_checkpoint import checkpoint_to_standalone
     from megatron_bd3.standalone.model import BD3Network
 
@@ -174,7 +175,8 @@ def test_cp2_recompute_resume_and_conversion_match_one_process(cp_reference, tmp
     path = write_config(run_dir / "cfg.yaml", config)
     out = run_trainer(path, 2, "--resume", "none", "--stop-after", "3")
     assert "x CP 2 x DP 1" in out, out[-3000:]
-    run_trainer(path, 2, "--resume", "auto")
+    # the exchange is not part of the layout: the resume runs the all-gather
+    run_trainer(path, 2, "parallel.context_parallel_comm=all_gather", "--resume", "auto")
     assert_same(reference, train_losses(run_dir), val_records(run_dir))
     # Adam hides a gradient scale error from the losses; the logged norm does not.
     norms = {r["step"]: r["grad_norm"] for r in read_metrics(run_dir) if "grad_norm" in r}

@@ -21,10 +21,14 @@ WORKERS = Path(__file__).parent / "workers"
 def test_context_parallel_matches_single_rank(tp, nproc):
     """CP = 2 (and CP = 2 x TP = 2 with sequence parallel): loss, every gradient and the logits
     of each rank's positions equal CP = 1, on the block, dense SDPA and flex (forward) kernels;
-    the exchanged bytes equal the formula."""
+    the exchanged bytes equal the formula. The same with keyed dropout 0.1 (embedding, hidden,
+    attention probabilities) and with document masks (+ per-document RoPE positions), each
+    against its own CP = 1 run."""
     output = run_distributed(WORKERS / "context_parallel.py", nproc, str(tp))
+    phases = ("block", "dense_sdpa", "flex", "dropout_dense_sdpa", "documents_block",
+              "documents_dense_sdpa", "documents_flex")
     for rank in range(nproc):
-        for phase in ("block", "dense_sdpa", "flex"):
+        for phase in phases:
             assert f"CP OK tp{tp}_cp2_{phase} rank={rank}" in output
 
 

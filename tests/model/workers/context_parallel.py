@@ -14,6 +14,13 @@ sequence parallel). Checked:
 * the exchanged volume: bytes counted by the exchange equal (CP - 1) x (L / CP) x b x
   (query groups / TP) x 2 head_dim x 4 bytes per layer, forward and backward;
 * FlexAttention (CPU, forward only, eager) gives the same logits.
+The same is checked for two model variants against their own CP = 1 runs:
+* keyed dropout 0.1 on the embedding, both bias-dropout-adds and the attention probabilities
+  (dense SDPA path, with TP = 2 under sequence parallel), under one DropoutKey: the masks of a
+  CP rank are those of the same global elements at CP = 1, so loss, gradients and logits agree;
+* document masking with per-document RoPE positions, random document runs that cross block and
+  chunk edges, the global [b, L] ids on every rank: block kernel and dense SDPA (loss, gradients,
+  logits) and flex (logits).
 Prints "CP OK <phase> ..." per phase on every rank.
 """
 
@@ -27,6 +34,7 @@ from megatron.core import parallel_state
 
 from megatron_bd3.model import BD3Config, BD3LossInputs, BD3Model, loss_func
 from megatron_bd3.model.context_parallel import exchange_meter
+from megatron_bd3.model.keyed_dropout import DropoutKey, dropout_key_scope
 from megatron_bd3.parallel import ParallelConfig, destroy_parallel, initialize_parallel
 from tests.model.helpers import VOCAB_SIZE, random_batch, tiny_overrides, tp_partition_dim, tp_shard
 
@@ -50,14 +58,35 @@ def zig_zag_positions(rank: int, cp: int) -> torch.Tensor:
     return torch.cat([first, second])
 
 
+# Model variants: extra BD3Config settings, and whether the batch carries document ids.
+DROPOUT = dict(hidden_dropout=0.1, attention_dropout=0.1, embedding_dropout=0.1,
+               dropout_rng="keyed")
+DOCUMENTS = dict(document_mask=True, document_position_reset=True)
+# the dropout key of the micro-batch: (seed, step, global-batch positions of its rows)
+DROPOUT_KEY = DropoutKey(seed=11, step=4, sample_ids=torch.tensor([6, 1]))
+
+
+def random_documents(seed: int) -> torch.Tensor:
+    """[BATCH, L] ids: random runs of 1..12 tokens (crossing block and CP chunk edges)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(BATCH):
+        lengths = torch.randint(1, 13, (L,), generator=gen).tolist()
+        ids = [doc for doc, n in enumerate(lengths) for _ in range(n)]
+        rows.append(torch.tensor(ids[:L]))
+    return torch.stack(rows)
+
+
 def run(model: BD3Model, batch, cp: int):
     model.zero_grad()
     inputs = BD3LossInputs(batch["masked"], batch["loss_weight"], batch["loss_mask"])
-    token_loss = model(batch["x_t"], batch["x_0"], inputs)
-    loss_sum, num_tokens, report = loss_func(batch["loss_mask"], token_loss, cp)
-    (loss_sum / num_tokens).backward()
-    with torch.no_grad():
-        logits = model.forward_logits(batch["x_t"], batch["x_0"])  # [b, L / cp, V]
+    documents = batch.get("document_ids")
+    with dropout_key_scope(DROPOUT_KEY):
+        token_loss = model(batch["x_t"], batch["x_0"], inputs, document_ids=documents)
+        loss_sum, num_tokens, report = loss_func(batch["loss_mask"], token_loss, cp)
+        (loss_sum / num_tokens).backward()
+        with torch.no_grad():  # [b, L / cp, V] (the same dropout masks as the step)
+            logits = model.forward_logits(batch["x_t"], batch["x_0"], documents)
     return logits, report["lm loss"]
 
 
@@ -81,17 +110,30 @@ def grads_of(model: BD3Model, tp: int, cp: int) -> dict[str, torch.Tensor]:
     return grads
 
 
+def load(model: BD3Model, state, tp_rank: int, tp: int) -> BD3Model:
+    model.load_state_dict({
+        name: tp_shard(name, tensor, tp_rank, tp, model.padded_vocab_size)
+        for name, tensor in state.items() if isinstance(tensor, torch.Tensor)
+    }, strict=True)
+    return model
+
+
 def main(tp: int) -> None:
     cp = 2
     batch = random_batch(BATCH, seed=5, seq_length=L)
+    document_batch = dict(batch, document_ids=random_documents(seed=6))
+    variants = {"plain": ({}, batch), "dropout": (DROPOUT, batch),
+                "documents": (DOCUMENTS, document_batch)}
 
     initialize_parallel(ParallelConfig(seed=3))
     torch.manual_seed(3)
     reference = BD3Model(config(1, 1))
     state = {k: v.clone() for k, v in reference.state_dict().items() if v is not None}
-    ref_logits, ref_report = run(reference, batch, 1)
-    ref_loss = ref_report[0] / ref_report[1]
-    ref_grads = grads_of(reference, 1, 1)
+    references = {}
+    for variant, (extra, data) in variants.items():
+        model = load(BD3Model(config(1, 1, **extra)), state, 0, 1)
+        logits, report = run(model, data, 1)
+        references[variant] = (logits, report[0] / report[1], grads_of(model, 1, 1))
     destroy_parallel()
 
     info = initialize_parallel(
@@ -101,15 +143,19 @@ def main(tp: int) -> None:
     positions = zig_zag_positions(info.cp_rank, cp)
     # with TP, the dense phase also runs sequence parallel (its 2L / CP rows split over TP)
     dense = dict(cpu_block_attention=False, sequence_parallel=tp > 1)
-    for phase, extra in (("block", {}), ("dense_sdpa", dense)):
-        model = BD3Model(config(tp, cp, **extra))
-        shards = {
-            name: tp_shard(name, tensor, info.tp_rank, tp, model.padded_vocab_size)
-            for name, tensor in state.items() if isinstance(tensor, torch.Tensor)
-        }
-        model.load_state_dict(shards, strict=True)
+    phases = (
+        ("block", "plain", {}),
+        ("dense_sdpa", "plain", dense),
+        ("dropout_dense_sdpa", "dropout", dense),  # attention dropout: the dense path
+        ("documents_block", "documents", {}),
+        ("documents_dense_sdpa", "documents", dense),
+    )
+    for phase, variant, extra in phases:
+        ref_logits, ref_loss, ref_grads = references[variant]
+        model = load(BD3Model(config(tp, cp, **extra, **variants[variant][0])), state,
+                     info.tp_rank, tp)
         exchange_meter.reset()
-        logits, report = run(model, batch, cp)
+        logits, report = run(model, variants[variant][1], cp)
         sent = (exchange_meter.forward_bytes, exchange_meter.backward_bytes)
 
         total = report.clone()
@@ -132,16 +178,15 @@ def main(tp: int) -> None:
               f" max_grad_diff={worst:.2e} bytes_forward={sent[0]} bytes_backward={sent[1]}")
 
     # FlexAttention with this rank's BlockMask (CPU: forward only, eager)
-    model = BD3Model(config(tp, cp, attention_kernel="flex", x_t_only_last_layer=False))
-    model.load_state_dict({
-        name: tp_shard(name, tensor, info.tp_rank, tp, model.padded_vocab_size)
-        for name, tensor in state.items() if isinstance(tensor, torch.Tensor)
-    }, strict=True)
-    model.eval()
-    with torch.no_grad():
-        flex_logits = model.forward_logits(batch["x_t"], batch["x_0"])
-    torch.testing.assert_close(flex_logits, ref_logits[:, positions], **TOL)
-    print(f"CP OK tp{tp}_cp{cp}_flex rank={info.rank}")
+    for phase, variant in (("flex", "plain"), ("documents_flex", "documents")):
+        extra, data = variants[variant]
+        model = load(BD3Model(config(tp, cp, attention_kernel="flex", x_t_only_last_layer=False,
+                                     **extra)), state, info.tp_rank, tp)
+        model.eval()
+        with torch.no_grad():
+            flex_logits = model.forward_logits(data["x_t"], data["x_0"], data.get("document_ids"))
+        torch.testing.assert_close(flex_logits, references[variant][0][:, positions], **TOL)
+        print(f"CP OK tp{tp}_cp{cp}_{phase} rank={info.rank}")
     destroy_parallel()
 
 

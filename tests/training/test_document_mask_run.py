@@ -87,3 +87,27 @@ def test_eval_refuses_shards_without_boundaries_in_one_line(trained, tmp_path, c
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("bd3-eval:"), lines
     assert "--document-boundaries" in lines[0]
+
+
+@pytest.mark.distributed
+def test_context_parallel_run_with_document_mask_matches_the_pipeline_run(trained):
+    """The same run at CP = 2 (document ids [b, L] on both CP ranks, each rank's masks and RoPE
+    positions at its global positions): the losses and validation NLL of the PP = 2 run above."""
+    base, data, run = trained
+    cp_run = base / "cp2"
+    config = tiny_config(
+        data / "manifest.json", cp_run,
+        data={"document_mask": True, "document_position_reset": True},
+        parallel={"context_parallel_size": 2}, training={"train_iters": 2},
+        checkpoint={"interval": 0},
+        # one validation batch of 4 sequences: at PP = 2 it was 2 micro-batches of 2
+        validation={"interval": 0, "at_end": True, "num_batches": 1, "micro_batch_size": 4,
+                    "clip_search": {"enabled": False}},
+    )
+    run_trainer(write_config(base / "cfg_cp2.yaml", config), 2, "--resume", "none")
+    losses, reference = train_losses(cp_run), train_losses(run)
+    assert sorted(losses) == sorted(reference) == [1, 2]
+    for step, loss in reference.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), step
+    (record,), (expected,) = val_records(cp_run), val_records(run)
+    assert record["val_nll"] == pytest.approx(expected["val_nll"], rel=1e-5)

@@ -25,7 +25,8 @@ def test_context_parallel_matches_single_rank(tp, nproc):
     attention probabilities) and with document masks (+ per-document RoPE positions), each
     against its own CP = 1 run."""
     output = run_distributed(WORKERS / "context_parallel.py", nproc, str(tp))
-    phases = ("block", "dense_sdpa", "flex", "dropout_dense_sdpa", "documents_block",
+    phases = ("block", "recompute_full_block", "dense_sdpa", "flex", "dropout_dense_sdpa",
+              "documents_block",
               "documents_dense_sdpa", "documents_flex")
     for rank in range(nproc):
         for phase in phases:

@@ -4,7 +4,7 @@ Phase 1 (TP = CP = 1, every rank replicates the model): per-token NELBO loss, gr
 x_t logits of a tiny GQA model. Phase 2 (CP = 2, with TP = 2 on 4 ranks): the same weights (split
 over TP with the rules of tests/model/helpers.py), the same whole [b, L] batch on every rank,
 once with the block-structured CPU kernel and once with the dense SDPA path (with TP = 2 also
-sequence parallel). Checked:
+sequence parallel), and once with full activation recompute on the block kernel. Checked:
 
 * the loss: the CP ranks' reports summed equal the CP = 1 loss; the loss each rank
   back-propagates (loss_func) gives, averaged over CP as the data-parallel x CP reduction does,
@@ -143,8 +143,12 @@ def main(tp: int) -> None:
     positions = zig_zag_positions(info.cp_rank, cp)
     # with TP, the dense phase also runs sequence parallel (its 2L / CP rows split over TP)
     dense = dict(cpu_block_attention=False, sequence_parallel=tp > 1)
+    full_recompute = dict(recompute_granularity="full", recompute_method="uniform",
+                          recompute_num_layers=1)
     phases = (
         ("block", "plain", {}),
+        # every layer reruns in backward, its clean key/value all-gather included
+        ("recompute_full_block", "plain", full_recompute),
         ("dense_sdpa", "plain", dense),
         ("dropout_dense_sdpa", "dropout", dense),  # attention dropout: the dense path
         ("documents_block", "documents", {}),
@@ -171,8 +175,10 @@ def main(tp: int) -> None:
 
         # forward (the last layer too: its queries are x_t only, its keys all) and backward
         per_layer = (cp - 1) * (L // cp) * BATCH * (GROUPS // tp) * 2 * HEAD_DIM * 4
-        # forward_logits ran one more forward (under no_grad) after the counted step
-        expected = (2 * LAYERS * per_layer, LAYERS * per_layer)
+        # forward_logits ran one more forward (under no_grad) after the counted step; full
+        # recompute one more in backward
+        forwards = 3 if "recompute_granularity" in extra else 2
+        expected = (forwards * LAYERS * per_layer, LAYERS * per_layer)
         assert sent == expected, f"{phase}: exchanged {sent} bytes, formula {expected}"
         print(f"CP OK tp{tp}_cp{cp}_{phase} rank={info.rank} loss={float(total[0] / total[1]):.6f}"
               f" max_grad_diff={worst:.2e} bytes_forward={sent[0]} bytes_backward={sent[1]}")

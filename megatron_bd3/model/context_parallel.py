@@ -24,6 +24,12 @@ all L clean keys], the predicate of megatron_bd3.diffusion evaluated at the glob
 
 RoPE uses the global positions (`ContextParallelLayout.positions`), and the loss of a rank
 covers its positions only: the caller slices every [b, L] input with `ContextParallelLayout.local`.
+
+Global indices elsewhere. Document ids stay the whole sequence's [b, L] on every rank; the
+rank's masks compare them at the global positions of its queries and keys
+(`document_rank_mask`, `flex_document_rank_mask`; the block kernel takes ids and spans).
+Keyed dropout keys the rank's rows by `stream_rows` and its attention probabilities by
+`query_key_indices`, so every element gets the mask of the same element at CP = 1.
 """
 
 from __future__ import annotations

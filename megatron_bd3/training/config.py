@@ -537,6 +537,14 @@ def validate(config: RunConfig) -> None:
                 f"or null, got {m.block_size}",
             )
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    # BD3Config's refusal, here so that bd3-train says it in one line: megatron reruns the
+    # layers during backward, outside the forward that holds the micro-batch's dropout key
+    _require(
+        not (m.dropout_rng == "keyed" and m.dropout > 0 and m.recompute == "full"),
+        f"model.recompute full with model.dropout_rng keyed and model.dropout {m.dropout} is not "
+        "supported (the recomputation runs outside the forward that holds the dropout key); use "
+        "model.recompute selective or null, model.dropout_rng torch, or model.dropout 0",
+    )
 
     p = config.parallel
     for name in (

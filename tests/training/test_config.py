@@ -133,6 +133,11 @@ def test_bad_overrides_are_refused_naming_the_key(tmp_path, override, message):
             "parallel.context_parallel_size = 64 rows over parallel.tensor_model_parallel_size 3",
         ),
         (
+            ["model.recompute=full", "model.dropout=0.1", "model.dropout_rng=keyed"],
+            "model.recompute full with model.dropout_rng keyed and model.dropout 0.1 is not "
+            "supported",
+        ),
+        (
             ["parallel.context_parallel_size=0"],
             "parallel.context_parallel_size must be >= 1, got 0",
         ),

@@ -127,7 +127,7 @@ def document_attention_masks(
     'bidirectional'  (same_document [b, 1, L, L],): the single-stream model's mask.
 
     Built once per batch and kind (one-entry cache keyed by the ids tensor)."""
-    key = (kind, seq_length, block_size)
+    key = (kind, seq_length, block_size, document_ids._version)  # _version: in-place edits
     if _last_document_masks and _last_document_masks[0] is document_ids:
         if _last_document_masks[1] == key:
             return _last_document_masks[2]

@@ -141,7 +141,7 @@ def document_attention_masks(
     [its noisy keys ; all clean keys], its x_0 queries against the clean keys.
 
     Built once per batch and kind (one-entry cache keyed by the ids tensor)."""
-    key = (kind, seq_length, block_size, layout)
+    key = (kind, seq_length, block_size, layout, document_ids._version)  # _version: in-place edits
     if _last_document_masks and _last_document_masks[0] is document_ids:
         if _last_document_masks[1] == key:
             return _last_document_masks[2]

@@ -303,6 +303,18 @@ def test_document_ids_pass_activation_recompute(single_rank):
             torch.testing.assert_close(other[name], grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_per_batch_masks_follow_new_and_edited_ids(single_rank):
+    # The kernels build their document masks once per batch of ids and reuse them across layers;
+    # another ids tensor, or the same one edited in place, must not reuse stale masks.
+    for path in ("block-structured", "dense"):
+        attention = core_attention(seq_length=32, block_size=4, **PATHS[path])
+        document_ids = random_layout(3, 32, seed=40)
+        check_against_brute_force(attention, document_ids, 4, 64)
+        document_ids[:, 5:] += 1  # in place: a new boundary at token 5
+        check_against_brute_force(attention, document_ids, 4, 64)
+        check_against_brute_force(attention, random_layout(3, 32, seed=41), 4, 64)
+
+
 # -- context parallelism: one rank's attention with documents ------------------------------------
 
 

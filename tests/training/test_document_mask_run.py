@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from megatron_bd3.cli.eval import main as eval_main
 from megatron_bd3.data.corpus import default_corpus_path
@@ -90,9 +91,13 @@ def test_eval_refuses_shards_without_boundaries_in_one_line(trained, tmp_path, c
 
 
 @pytest.mark.distributed
-def test_context_parallel_run_with_document_mask_matches_the_pipeline_run(trained):
+def test_context_parallel_run_with_document_mask_matches_the_pipeline_run(trained, tmp_path):
     """The same run at CP = 2 (document ids [b, L] on both CP ranks, each rank's masks and RoPE
-    positions at its global positions): the losses and validation NLL of the PP = 2 run above."""
+    positions at its global positions): the losses and validation NLL of the PP = 2 run above;
+    both checkpoints convert to standalone networks (parity-checked) with the same weights."""
+    from megatron_bd3.convert.trainer_checkpoint import checkpoint_to_standalone
+    from megatron_bd3.standalone.model import BD3Network
+
     base, data, run = trained
     cp_run = base / "cp2"
     config = tiny_config(
@@ -111,3 +116,12 @@ def test_context_parallel_run_with_document_mask_matches_the_pipeline_run(traine
         assert losses[step] == pytest.approx(loss, rel=1e-5), step
     (record,), (expected,) = val_records(cp_run), val_records(run)
     assert record["val_nll"] == pytest.approx(expected["val_nll"], rel=1e-5)
+
+    networks = {}
+    for name, directory in (("pp2", run), ("cp2", cp_run)):
+        result = checkpoint_to_standalone(directory / "ckpt", tmp_path / name, use_ema=False)
+        assert result.parity and all(report.ok for report in result.parity)
+        networks[name] = BD3Network.from_pretrained(tmp_path / name).state_dict()
+    assert networks["cp2"].keys() == networks["pp2"].keys()
+    for key, value in networks["cp2"].items():
+        torch.testing.assert_close(value, networks["pp2"][key], rtol=1e-4, atol=1e-6, msg=key)

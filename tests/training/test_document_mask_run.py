@@ -125,3 +125,21 @@ def test_context_parallel_run_with_document_mask_matches_the_pipeline_run(traine
     assert networks["cp2"].keys() == networks["pp2"].keys()
     for key, value in networks["cp2"].items():
         torch.testing.assert_close(value, networks["pp2"][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.distributed
+def test_context_parallel_evaluation_with_document_ids(trained, tmp_path):
+    """bd3-eval --context-parallel-size 2 of the document-masked checkpoint: the bound of one
+    process (the same document ids, noise and sequences)."""
+    from tests.dist_launcher import REPO_ROOT, run_distributed
+
+    _, data, run = trained
+    args = [str(run / "ckpt"), "--data", str(data), "--nelbo-samples", "1", "--batch-size", "8",
+            "--no-progress", "--no-plots", "--raw-weights"]
+    assert eval_main([*args, "--output", str(tmp_path / "one")]) == 0
+    run_distributed(REPO_ROOT / "megatron_bd3" / "cli" / "eval.py", 2, *args,
+                    "--context-parallel-size", "2", "--output", str(tmp_path / "cp2"))
+    one, cp2 = (json.loads((tmp_path / name / "eval.json").read_text())["likelihood"][0]
+                for name in ("one", "cp2"))
+    assert cp2["tokens"] == one["tokens"] and cp2["sequences"] == one["sequences"] > 0
+    assert cp2["nll"] == pytest.approx(one["nll"], rel=1e-5)

@@ -58,9 +58,10 @@ def layout_rule(name: str, component: Any) -> str:
 
 def describe_layout(layout: dict[str, Any]) -> str:
     vpp = f" VPP {layout['vpp']}" if layout.get("vpp") else ""
+    cp = f" CP {layout['cp']}" if layout.get("cp", 1) != 1 else ""
     zero = layout.get("zero_stage")
     optimizer = f"ZeRO-{zero}" if zero is not None else str(layout.get("optimizer_backend"))
-    return (f"TP {layout.get('tp')} PP {layout.get('pp')}{vpp} DP {layout.get('dp')} "
+    return (f"TP {layout.get('tp')} PP {layout.get('pp')}{vpp}{cp} DP {layout.get('dp')} "
             f"{optimizer}")
 
 

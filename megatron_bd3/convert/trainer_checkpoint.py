@@ -94,13 +94,17 @@ def single_process_runtime() -> Iterator[None]:
 def model_config_for_conversion(run_config, vocab_size: int, mask_token_id: int):
     """The BD3Config of `run_config`'s model at TP = PP = 1 in fp32, built by the config layer's
     `build_model_config` (so the network is exactly the one the run trains). The attention
-    kernel is SDPA (same math as flex; flex trains only on CUDA) and recompute is off."""
+    kernel is SDPA (same math as flex; flex trains only on CUDA) and recompute is off. Document
+    masking is off: it changes no weight, the standalone network has none (it attends within
+    the one document it is given), and the parity check feeds a batch without documents."""
     from megatron_bd3.training.config import ParallelSection
     from megatron_bd3.training.model_config import build_model_config
 
     config = copy.deepcopy(run_config)
     config.model.attention_kernel = "sdpa"
     config.model.recompute = None
+    config.data.document_mask = False
+    config.data.document_position_reset = False
     return build_model_config(config, vocab_size=vocab_size, mask_token_id=mask_token_id,
                               precision="fp32", parallel=ParallelSection())
 

@@ -40,7 +40,10 @@ own attention gets this rank's rows [x_t ; x_0] (2L / CP). With cp_comm_type 'al
 all-gathers the clean keys/values of every rank and runs the same kernels with the rank's own
 mask (block kernel over the rank's chunks, a per-rank BlockMask, or SDPA with the per-rank dense
 mask); with 'p2p' the clean keys/values go around the CP ring (model/ring_attention.py, its own
-per-chunk kernels whatever attention_kernel says).
+per-chunk kernels whatever attention_kernel says). Document ids stay the global [b, L] on every
+rank; each path compares them at the global positions of its queries and keys. Keyed attention
+dropout keys each probability by those global positions too (all-gather only: the ring has no
+attention dropout).
 FlexAttention on CPU has no backward, so a CPU flex call that would need gradients raises here,
 before autograd fails deep inside the backward pass.
 """
@@ -389,7 +392,7 @@ class BD3CoreAttention(MegatronModule):
             )
             return self._sdpa_call(q, k, v, same_document)
         if self.cp_layout is not None:
-            return self._context_parallel_attention(q, k, v)
+            return self._context_parallel_attention(q, k, v, document_ids)
         if plan.kernel == "flex":
             if q.size(2) != k.size(2):
                 raise ValueError(
@@ -424,19 +427,38 @@ class BD3CoreAttention(MegatronModule):
         )
         return torch.cat([noisy, clean], dim=2)  # [b, np, 2L, hn]
 
-    def _context_parallel_attention(self, q, k, v) -> torch.Tensor:
+    def _context_parallel_attention(self, q, k, v, document_ids=None) -> torch.Tensor:
         """This rank's queries [b, np, n or 2n, hn] against [its n noisy keys ; all L clean keys]
-        under the rank's mask (context_parallel.dense_rank_mask / flex_rank_mask)."""
-        layout, queries = self.cp_layout, q.size(2)
-        if self.plan.kernel == "flex":
-            return self._flex(q, k, v, flex_rank_mask(layout, queries, q.device))
-        mask = dense_rank_mask(layout, queries, q.device)  # [n or 2n, n + L]
+        under the rank's mask (context_parallel.dense_rank_mask / flex_rank_mask), restricted to
+        documents when the global `document_ids` [b, L] are given (document_attention_masks
+        with the layout). Keyed attention dropout keys the probabilities by the global stream
+        indices of these queries and keys (query_key_indices)."""
+        layout, queries, plan = self.cp_layout, q.size(2), self.plan
+        if plan.kernel == "flex":
+            if document_ids is None:
+                block_mask = flex_rank_mask(layout, queries, q.device)
+            else:  # a BlockMask of all 2n queries (flex never runs the x_t-only last layer)
+                block_mask = document_attention_masks(
+                    document_ids, plan.seq_length, plan.block_size, "flex", layout
+                )
+            return self._flex(q, k, v, block_mask)
         n = layout.local_length
-        noisy = self._sdpa_call(q[:, :, :n], k, v, mask[:n])
+        if document_ids is None:
+            mask = dense_rank_mask(layout, queries, q.device)  # [n or 2n, n + L]
+            noisy_rows, clean_block = mask[:n], mask[n:, n:]
+        else:  # [b, 1, n, n + L] and [b, 1, n, L]
+            noisy_rows, clean_block = document_attention_masks(
+                document_ids, plan.seq_length, plan.block_size, "sdpa", layout
+            )
+        query_ids, key_ids = layout.query_key_indices(2 * n)
+        noisy = self._sdpa_call(q[:, :, :n], k, v, noisy_rows, indices=(query_ids[:n], key_ids))
         if queries == n:
             return noisy  # [b, np, n, hn]
         # The clean queries never attend to noisy keys: clean keys only.
-        clean = self._sdpa_call(q[:, :, n:], k[:, :, n:], v[:, :, n:], mask[n:, n:])
+        clean = self._sdpa_call(
+            q[:, :, n:], k[:, :, n:], v[:, :, n:], clean_block,
+            indices=(query_ids[n:], key_ids[n:]),
+        )
         return torch.cat([noisy, clean], dim=2)  # [b, np, 2n, hn]
 
     # -- a caller's own mask ----------------------------------------------------------------------
@@ -450,13 +472,24 @@ class BD3CoreAttention(MegatronModule):
         return self._sdpa_call(q, k, v, mask)
 
     def _sdpa_call(
-        self, q, k, v, mask: torch.Tensor | None, is_causal: bool = False, offset: int = 0
+        self,
+        q,
+        k,
+        v,
+        mask: torch.Tensor | None,
+        is_causal: bool = False,
+        offset: int = 0,
+        indices: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """SDPA over [b, np, s, hn]; `offset`: stream position of the first query and key (the
-        clean half runs as its own call from L), which keys the keyed attention dropout."""
+        clean half runs as its own call from L), which keys the keyed attention dropout;
+        `indices`: the stream positions of the queries [sq] and keys [sk] instead, when they are
+        not one run (a context-parallel rank's)."""
         dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p > 0.0 and self.keyed_dropout:
-            return self._keyed_dropout_attention(q, k, v, mask, is_causal, offset, dropout_p)
+            return self._keyed_dropout_attention(
+                q, k, v, mask, is_causal, offset, dropout_p, indices
+            )
         if dropout_p > 0.0:
             # Per-TP-rank dropout stream, as megatron's attention dropout: each rank holds
             # different heads, so their dropout masks must be independent. (DotProductAttention
@@ -470,7 +503,9 @@ class BD3CoreAttention(MegatronModule):
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.softmax_scale
         )
 
-    def _keyed_dropout_attention(self, q, k, v, mask, is_causal: bool, offset: int, p: float):
+    def _keyed_dropout_attention(
+        self, q, k, v, mask, is_causal: bool, offset: int, p: float, indices=None
+    ):
         """Attention with keyed dropout on its probabilities (keyed_dropout.py): SDPA takes no
         mask of ours, so the probabilities are materialised, [b, np, sq, sk]. Only
         attention_dropout > 0 with dropout_rng 'keyed' takes this path."""
@@ -481,7 +516,10 @@ class BD3CoreAttention(MegatronModule):
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         first_head = self.tp_group.rank() * self.num_attention_heads_per_partition
-        probs = keyed_attention_dropout(probs, p, self.layer_number, first_head, offset, offset)
+        query_ids, key_ids = indices if indices is not None else (None, None)
+        probs = keyed_attention_dropout(
+            probs, p, self.layer_number, first_head, offset, offset, query_ids, key_ids
+        )
         return torch.matmul(probs, v)  # [b, np, sq, hn]
 
     def _flex(self, q, k, v, block_mask: BlockMask) -> torch.Tensor:

@@ -132,6 +132,18 @@ class BD3Model(LanguageModule):
         self.vocab_size = config.vocab_size
         self.padded_vocab_size = config.padded_vocab_size
 
+        # Context parallelism (model/context_parallel.py): this rank holds L / CP positions of
+        # both streams; inputs, RoPE positions and loss inputs are sliced to them here, and keyed
+        # dropout keys the rank's rows by their global stream rows.
+        self.cp_layout = None
+        if config.context_parallel_size > 1:
+            self.cp_layout = ContextParallelLayout(
+                config.seq_length, config.block_size, config.context_parallel_size,
+                self.pg_collection.cp.rank(),
+            )
+        self.local_length = config.seq_length // config.context_parallel_size
+        stream_rows = None if self.cp_layout is None else self.cp_layout.stream_rows  # [2L/CP]
+
         if self.pre_process:
             self.embedding = LanguageModelEmbedding(
                 config=config,
@@ -145,7 +157,7 @@ class BD3Model(LanguageModule):
                 self.embedding.embedding_dropout.p = config.embedding_dropout
             if config.dropout_rng == "keyed":
                 self.embedding.embedding_dropout = KeyedDropout(
-                    self.embedding.embedding_dropout.p, config.sequence_parallel
+                    self.embedding.embedding_dropout.p, config.sequence_parallel, stream_rows
                 )
 
         # Every stage applies RoPE inside its attention layers, so every stage has the table.
@@ -194,23 +206,13 @@ class BD3Model(LanguageModule):
         for layer in self.decoder.layers:  # spec leaves are built without their layer number
             for bda in (layer.self_attn_bda, layer.mlp_bda):
                 if isinstance(bda, BD3BiasDropoutAdd):
-                    bda.bind_layer(layer.layer_number)
+                    bda.bind_layer(layer.layer_number, stream_rows)
         if config.init_rng == "keyed":
             # before the tied output copy of the last stage is synced from the embedding
             initialize_keyed(self, config, self.pg_collection.tp.rank(), tp_size)
 
         if self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()
-
-        # Context parallelism (model/context_parallel.py): this rank holds L / CP positions of
-        # both streams; inputs, RoPE positions and loss inputs are sliced to them here.
-        self.cp_layout = None
-        if config.context_parallel_size > 1:
-            self.cp_layout = ContextParallelLayout(
-                config.seq_length, config.block_size, config.context_parallel_size,
-                self.pg_collection.cp.rank(),
-            )
-        self.local_length = config.seq_length // config.context_parallel_size
 
     # -- pipeline plumbing -----------------------------------------------------------------------
 
@@ -238,7 +240,9 @@ class BD3Model(LanguageModule):
             x_0: [b, L] clean tokens (first stage: second stream; last stage: default labels).
             loss_inputs: masks and weights for the NELBO (last stage).
             document_ids: [b, L] per-token document ids, on every pipeline stage; required with
-                config.document_mask, refused without it (docs/method.md §1.4).
+                config.document_mask, refused without it (docs/method.md §1.4). Under context
+                parallelism too the whole sequence's [b, L] (every attention compares the ids at
+                global positions).
 
         Returns:
             last stage with loss_inputs: [b, L] per-token NELBO terms (0 where not masked),
@@ -367,8 +371,8 @@ class BD3Model(LanguageModule):
         [0..L-1] for the single stream; [stream_length, 1, 1, d]. With
         config.document_position_reset, each token's position inside its document instead
         (the same in both streams): [stream_length, b, 1, d]. Under context parallelism the
-        global positions of this rank, twice ([2L / CP, 1, 1, d]; BD3Config refuses CP with
-        document masks)."""
+        angles of this rank's global positions, twice ([2L / CP, 1 or b, 1, d]; with the reset,
+        the in-document positions are counted on the global [b, L] ids, then sliced)."""
         if self.rotary_pos_emb is None:
             return None
         # get_emb, not forward: megatron's forward would cut the table for its own CP layout

@@ -158,7 +158,7 @@ class BD3Config(TransformerConfig):
 
     cp_comm_type: str | list[str] | None = "p2p"
     """How context parallelism exchanges the clean stream's keys/values (megatron's field, one
-    value for every layer). 'p2p' (the default: less memory at the same step time, measured in
+    value for every layer). 'p2p' (the default: less memory at no more CPU time, measured in
     docs/bench/long-context.md): around the CP ring, merged by log-sum-exp, the backward saving
     only this rank's tensors (model/ring_attention.py; no attention dropout). 'all_gather': one
     all-gather per layer, the backward a reduce-scatter, the attention on the configured kernel
@@ -269,19 +269,6 @@ class BD3Config(TransformerConfig):
                     f"context_parallel_size {cp} cuts seq_length {self.seq_length} into {2 * cp} "
                     f"chunks of whole blocks; seq_length must be a multiple of 2 x "
                     f"context_parallel_size x block_size = {2 * cp * self.block_size}"
-                )
-            if self.document_mask:
-                raise ValueError(
-                    f"context_parallel_size {cp} with document_mask is not supported: the "
-                    "context-parallel attention has no document masks; use one of the two"
-                )
-            if self.dropout_rng == "keyed" and (
-                self.hidden_dropout > 0 or self.attention_dropout > 0 or (self.embedding_dropout or 0) > 0
-            ):
-                raise ValueError(
-                    f"context_parallel_size {cp} with dropout_rng 'keyed' and dropout on is not "
-                    "supported: keyed dropout keys rows by their position in the unsplit stream; "
-                    "set dropout_rng 'torch' (model.dropout_rng in a run config) or dropout 0"
                 )
         local_stream = self.stream_length // cp
         if self.sequence_parallel and local_stream % self.tensor_model_parallel_size:

@@ -25,6 +25,12 @@ all L clean keys], the predicate of megatron_bd3.diffusion evaluated at the glob
 
 RoPE uses the global positions (`ContextParallelLayout.positions`), and the loss of a rank
 covers its positions only: the caller slices every [b, L] input with `ContextParallelLayout.local`.
+
+Global indices elsewhere. Document ids stay the whole sequence's [b, L] on every rank; the
+rank's masks compare them at the global positions of its queries and keys
+(`document_rank_mask`, `flex_document_rank_mask`; the block kernel takes ids and spans).
+Keyed dropout keys the rank's rows by `stream_rows` and its attention probabilities by
+`query_key_indices`, so every element gets the mask of the same element at CP = 1.
 """
 
 from __future__ import annotations
@@ -104,6 +110,13 @@ class ContextParallelLayout:
                 f"{tensor.size(dim)} along dim {dim} (shape {tuple(tensor.shape)})"
             )
         return torch.cat([tensor.narrow(dim, s, n) for s, n in self.spans], dim=dim)
+
+    @functools.cached_property
+    def stream_rows(self) -> Tensor:
+        """[2L/c] index in [0, 2L) of each row of this rank's two-stream input [x_t ; x_0]
+        (x_t position p is p, x_0 position p is L + p): the global rows keyed dropout is keyed by
+        (model/keyed_dropout.py)."""
+        return torch.cat([self.positions, self.positions + self.seq_length])
 
     def query_key_indices(self, queries: int) -> tuple[Tensor, Tensor]:
         """Indices in [0, 2L) (docs/method.md §1.1: x_t position p is p, x_0 position p is L + p)
@@ -213,4 +226,56 @@ def flex_rank_mask(
     return create_block_mask(
         rank_mask_mod, B=None, H=None, Q_LEN=queries, KV_LEN=k_index.numel(), device=device,
         BLOCK_SIZE=tile_size,
+    )
+
+
+# ------------------------------------------------------------ per-rank masks with documents
+# Document masking (docs/method.md §1.4) under context parallelism: the document ids are the
+# whole sequence's [b, L] on every CP rank (the batch is not sliced before the model), so a
+# query and a key compare the ids at their global positions (index mod L).
+
+
+def _rank_documents(layout: ContextParallelLayout, document_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Document id of each of this rank's 2L/c query rows [b, 2L/c] and of each of its key rows
+    [b, L/c + L] ([its noisy keys ; all clean keys]), from the global ids [b, L]."""
+    if document_ids.dim() != 2 or document_ids.size(1) != layout.seq_length:
+        raise ValueError(
+            f"context-parallel document masks take the global document ids [b, "
+            f"{layout.seq_length}], got {list(document_ids.shape)}"
+        )
+    q, k = layout.query_key_indices(2 * layout.local_length)
+    device = document_ids.device
+    L = layout.seq_length
+    return document_ids[:, q.to(device) % L], document_ids[:, k.to(device) % L]
+
+
+def document_rank_mask(layout: ContextParallelLayout, document_ids: Tensor) -> Tensor:
+    """[b, 2L/c, L/c + L] bool, True = may attend: `dense_rank_mask` of all this rank's queries
+    and-ed with the same-document predicate at the global positions; `document_ids` [b, L] are
+    the global ids."""
+    query_docs, key_docs = _rank_documents(layout, document_ids)
+    allowed = dense_rank_mask(layout, 2 * layout.local_length, document_ids.device)
+    return allowed[None] & (query_docs[:, :, None] == key_docs[:, None, :])
+
+
+def flex_document_rank_mask(
+    layout: ContextParallelLayout, document_ids: Tensor, tile_size: int = 128
+) -> BlockMask:
+    """The FlexAttention BlockMask of `document_rank_mask`: B = b, Q_LEN = 2L/c, KV_LEN =
+    L/c + L; the rank's block-diffusion predicate and-ed with the same-document one. Built per
+    batch (the documents change with every batch)."""
+    query_docs, key_docs = _rank_documents(layout, document_ids)
+    device = document_ids.device
+    q_index, k_index = layout.query_key_indices(2 * layout.local_length)
+    q_index, k_index = q_index.to(device), k_index.to(device)
+    L, B = layout.seq_length, layout.block_size
+
+    def rank_document_mask_mod(batch, head, q_idx, kv_idx):
+        del head
+        same_document = query_docs[batch, q_idx] == key_docs[batch, kv_idx]
+        return block_diffusion_allowed(q_index[q_idx], k_index[kv_idx], L, B) & same_document
+
+    return create_block_mask(
+        rank_document_mask_mod, B=document_ids.size(0), H=None, Q_LEN=q_index.numel(),
+        KV_LEN=k_index.numel(), device=device, BLOCK_SIZE=tile_size,
     )

@@ -12,12 +12,15 @@ read off megatron_bd3.diffusion's counter-based hash, the one that keys the forw
     site     4 x layer_number + kind: EMBEDDING (layer 0), ATTENTION_OUTPUT, MLP_OUTPUT (the
              bias-dropout-adds of each layer, global layer numbers from 1), ATTENTION_PROBS
     element  hidden dropout [s, b, h]: global row of the stream x h + column (under sequence
-             parallel a rank's rows start at tp_rank x s_local);
+             parallel a rank's rows start at tp_rank x s_local; under context parallelism a
+             rank's rows are [x_t ; x_0] at its positions, global rows p and L + p);
              attention probabilities [b, heads, sq, sk]: (global head x 2^20 + query position)
              x 2^20 + key position
 
 so a sample gets the same masks on 1 process, DP, TP (the hidden masks are the same on every
-TP rank, the attention masks follow the global head), sequence parallel and PP.
+TP rank, the attention masks follow the global head), sequence parallel, PP and context
+parallelism (the rank's rows, queries and keys are keyed by their global stream positions,
+given explicitly by model/context_parallel.py's layout).
 
 The key of the micro-batch in flight (`DropoutKey`: seed, step, the rows' global-batch positions)
 is made by megatron_bd3.training.batches.make_batch next to the noise, and held for the model's
@@ -112,15 +115,30 @@ def keep_mask(key: DropoutKey, site: int, elements: Tensor, batch_dim: int, p: f
     return u >= p
 
 
-def keyed_hidden_dropout(x: Tensor, p: float, site: int, sequence_parallel: bool) -> Tensor:
+def keyed_hidden_dropout(
+    x: Tensor, p: float, site: int, sequence_parallel: bool, stream_rows: Tensor | None = None
+) -> Tensor:
     """Dropout of hidden states x [s, b, h] (sequence-first) with keyed masks; inverted scaling
-    1/(1-p) as torch's. Under sequence parallel x holds this TP rank's rows of the stream."""
+    1/(1-p) as torch's. Under sequence parallel x holds this TP rank's rows of the stream.
+
+    stream_rows: [S] the global row of the stream at each row of this rank's (TP-unsplit) input
+    under context parallelism, [x_t ; x_0] at the rank's positions
+    (ContextParallelLayout.stream_rows); None: rows 0 .. S-1. Either way x holds the first rows
+    of it (the x_t-only last layer) or, under sequence parallel, this TP rank's slice."""
     if p == 0.0:
         return x
     rows, batch, hidden = x.shape
     key = current_key(batch)
     first_row = parallel_state.get_tensor_model_parallel_rank() * rows if sequence_parallel else 0
-    row_ids = torch.arange(first_row, first_row + rows, device=x.device, dtype=torch.int64)
+    if stream_rows is None:
+        row_ids = torch.arange(first_row, first_row + rows, device=x.device, dtype=torch.int64)
+    else:
+        if first_row + rows > stream_rows.numel():
+            raise ValueError(
+                f"keyed dropout of rows [{first_row}, {first_row + rows}) of a stream of "
+                f"{stream_rows.numel()} rows"
+            )
+        row_ids = stream_rows[first_row : first_row + rows].to(x.device, torch.int64)
     columns = torch.arange(hidden, device=x.device, dtype=torch.int64)
     elements = (row_ids[:, None] * hidden + columns[None, :])[:, None, :]  # [s, 1, h]
     keep = keep_mask(key, site, elements, 1, p)  # [s, b, h]
@@ -128,19 +146,39 @@ def keyed_hidden_dropout(x: Tensor, p: float, site: int, sequence_parallel: bool
 
 
 def keyed_attention_dropout(
-    probs: Tensor, p: float, layer_number: int, first_head: int, q_offset: int, k_offset: int
+    probs: Tensor,
+    p: float,
+    layer_number: int,
+    first_head: int,
+    q_offset: int,
+    k_offset: int,
+    query_ids: Tensor | None = None,
+    key_ids: Tensor | None = None,
 ) -> Tensor:
     """Dropout of attention probabilities [b, np, sq, sk] with keyed masks: this rank's heads
     start at global head `first_head`, queries at stream position `q_offset`, keys at
-    `k_offset`."""
+    `k_offset`. Rows that are not one run of stream positions (a context-parallel rank's
+    queries and keys, ContextParallelLayout.query_key_indices) give their stream positions
+    instead: query_ids [sq] and key_ids [sk] replace the offsets."""
     if p == 0.0:
         return probs
     batch, heads, sq, sk = probs.shape
     key = current_key(batch)
     device = probs.device
     head_ids = torch.arange(first_head, first_head + heads, device=device, dtype=torch.int64)
-    q_ids = torch.arange(q_offset, q_offset + sq, device=device, dtype=torch.int64)
-    k_ids = torch.arange(k_offset, k_offset + sk, device=device, dtype=torch.int64)
+    if query_ids is None:
+        q_ids = torch.arange(q_offset, q_offset + sq, device=device, dtype=torch.int64)
+    else:
+        q_ids = query_ids.to(device, torch.int64)
+    if key_ids is None:
+        k_ids = torch.arange(k_offset, k_offset + sk, device=device, dtype=torch.int64)
+    else:
+        k_ids = key_ids.to(device, torch.int64)
+    if q_ids.numel() != sq or k_ids.numel() != sk:
+        raise ValueError(
+            f"keyed attention dropout of {sq} x {sk} probabilities got {q_ids.numel()} query "
+            f"and {k_ids.numel()} key positions"
+        )
     elements = (
         (head_ids[:, None, None] << _POSITION_BITS) + q_ids[None, :, None]
     ) << _POSITION_BITS
@@ -154,15 +192,20 @@ class KeyedDropout(torch.nn.Module):
     """torch.nn.Dropout's place for the embedding dropout (LanguageModelEmbedding's
     `embedding_dropout`), with keyed masks at site EMBEDDING."""
 
-    def __init__(self, p: float, sequence_parallel: bool) -> None:
+    def __init__(
+        self, p: float, sequence_parallel: bool, stream_rows: Tensor | None = None
+    ) -> None:
         super().__init__()
         self.p = p
         self.sequence_parallel = sequence_parallel
+        self.stream_rows = stream_rows  # see keyed_hidden_dropout (context parallelism)
 
     def forward(self, x: Tensor) -> Tensor:  # [s, b, h]
         if not self.training:
             return x
-        return keyed_hidden_dropout(x, self.p, EMBEDDING, self.sequence_parallel)
+        return keyed_hidden_dropout(
+            x, self.p, EMBEDDING, self.sequence_parallel, self.stream_rows
+        )
 
 
 class BD3BiasDropoutAdd:
@@ -173,8 +216,9 @@ class BD3BiasDropoutAdd:
     * the residual is cut to the rows the sublayer returned (the x_t-only last layer returns L
       of its 2L rows; self_attention.py);
     * with `keyed` the dropout of a training forward is keyed (module docstring) at site
-      4 x layer_number + kind. The layer number is bound by BD3Model after the layers are built
-      (`bind_layer`): a spec leaf is built without arguments.
+      4 x layer_number + kind. The layer number (and, under context parallelism, the global
+      stream rows of the rank, see keyed_hidden_dropout) is bound by BD3Model after the layers
+      are built (`bind_layer`): a spec leaf is built without arguments.
     Eval, or dropout 0: megatron's own function.
     """
 
@@ -183,9 +227,11 @@ class BD3BiasDropoutAdd:
         self.keyed = keyed
         self.sequence_parallel = sequence_parallel
         self.layer_number: int | None = None
+        self.stream_rows: Tensor | None = None
 
-    def bind_layer(self, layer_number: int) -> None:
+    def bind_layer(self, layer_number: int, stream_rows: Tensor | None = None) -> None:
         self.layer_number = layer_number
+        self.stream_rows = stream_rows
 
     def __call__(self, training: bool, fused: bool):
         keyed = self.keyed and training
@@ -207,4 +253,5 @@ class BD3BiasDropoutAdd:
             x = x + bias
         residual = residual if residual.dtype == x.dtype else residual.to(x.dtype)
         site = 4 * self.layer_number + self.kind
-        return residual + keyed_hidden_dropout(x, prob, site, self.sequence_parallel)
+        dropped = keyed_hidden_dropout(x, prob, site, self.sequence_parallel, self.stream_rows)
+        return residual + dropped

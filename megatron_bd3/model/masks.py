@@ -39,6 +39,11 @@ from megatron_bd3.diffusion import (
     document_block_mask,
     same_document_mask,
 )
+from megatron_bd3.model.context_parallel import (
+    ContextParallelLayout,
+    document_rank_mask,
+    flex_document_rank_mask,
+)
 
 
 class AttentionPattern(enum.Enum):
@@ -117,7 +122,11 @@ _last_document_masks: list = []
 
 
 def document_attention_masks(
-    document_ids: torch.Tensor, seq_length: int, block_size: int, kind: str
+    document_ids: torch.Tensor,
+    seq_length: int,
+    block_size: int,
+    kind: str,
+    layout: ContextParallelLayout | None = None,
 ) -> BlockMask | tuple[torch.Tensor, ...]:
     """The model's own attention restricted to documents, for one batch of ids [b, L]:
 
@@ -126,12 +135,19 @@ def document_attention_masks(
                      two pieces and-ed with the same-document mask;
     'bidirectional'  (same_document [b, 1, L, L],): the single-stream model's mask.
 
+    With a context-parallel `layout` (the ids stay the global [b, L]) the masks are this rank's
+    (model/context_parallel.py, n = L / CP): 'flex' a BlockMask of Q_LEN 2n, KV_LEN n + L;
+    'sdpa' (noisy_rows [b, 1, n, n + L], clean_block [b, 1, n, L]): its x_t queries against
+    [its noisy keys ; all clean keys], its x_0 queries against the clean keys.
+
     Built once per batch and kind (one-entry cache keyed by the ids tensor)."""
-    key = (kind, seq_length, block_size)
+    key = (kind, seq_length, block_size, layout, document_ids._version)  # _version: in-place edits
     if _last_document_masks and _last_document_masks[0] is document_ids:
         if _last_document_masks[1] == key:
             return _last_document_masks[2]
-    if kind == "flex":
+    if layout is not None:
+        masks = _context_parallel_document_masks(document_ids, kind, layout)
+    elif kind == "flex":
         masks: BlockMask | tuple[torch.Tensor, ...] = document_block_mask(document_ids, block_size)
     elif kind == "sdpa":
         noisy_rows, clean_block = split_training_mask(seq_length, block_size, document_ids.device)
@@ -144,6 +160,18 @@ def document_attention_masks(
         raise ValueError(f"document mask kind {kind!r} is not one of flex, sdpa, bidirectional")
     _last_document_masks[:] = [document_ids, key, masks]
     return masks
+
+
+def _context_parallel_document_masks(
+    document_ids: torch.Tensor, kind: str, layout: ContextParallelLayout
+) -> BlockMask | tuple[torch.Tensor, ...]:
+    if kind == "flex":
+        return flex_document_rank_mask(layout, document_ids)
+    if kind != "sdpa":
+        raise ValueError(f"context parallelism has no {kind!r} document mask (two streams only)")
+    n = layout.local_length
+    allowed = document_rank_mask(layout, document_ids)  # [b, 2n, n + L]
+    return allowed[:, None, :n].contiguous(), allowed[:, None, n:, n:].contiguous()
 
 
 def to_megatron_mask(allowed: torch.Tensor) -> torch.Tensor:

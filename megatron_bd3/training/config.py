@@ -489,25 +489,23 @@ def _require(cond: bool, message: str) -> None:
 
 
 def _validate_context_parallel(config: RunConfig) -> None:
-    """parallel.context_parallel_size > 1: what the CP layout (model/context_parallel.py) needs."""
+    """parallel.context_parallel_size > 1: what the CP layout (model/context_parallel.py) needs.
+    Keyed dropout and data.document_mask work under CP (docs/training.md §4)."""
     m, cp = config.model, config.parallel.context_parallel_size
-    _require(
-        m.preset != "mdlm",
-        f"parallel.context_parallel_size {cp}: model.preset mdlm has one block (B = L), which "
-        "cannot be cut on block edges; use parallel.context_parallel_size 1",
-    )
     block_size = m.effective_block_size
+    _require(
+        block_size != m.seq_length,
+        f"parallel.context_parallel_size {cp}: "
+        + ("model.preset mdlm has" if m.preset == "mdlm" else "model.block_size = model.seq_length "
+           f"({m.seq_length}) gives")
+        + " one block (B = L), which cannot be cut on block edges; use "
+        "parallel.context_parallel_size 1",
+    )
     _require(
         m.seq_length % (2 * cp * block_size) == 0,
         f"parallel.context_parallel_size {cp} cuts model.seq_length {m.seq_length} into {2 * cp} "
         f"chunks of whole blocks; model.seq_length must be a multiple of 2 x "
         f"context_parallel_size x block_size = {2 * cp * block_size}",
-    )
-    # the context-parallel dense and flex masks have no document masks (docs/training.md)
-    _require(
-        not config.data.document_mask,
-        f"parallel.context_parallel_size {cp} with data.document_mask true is not supported; "
-        "set one of them off",
     )
 
 
@@ -542,6 +540,14 @@ def validate(config: RunConfig) -> None:
                 f"or null, got {m.block_size}",
             )
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    # BD3Config's refusal, here so that bd3-train says it in one line: megatron reruns the
+    # layers during backward, outside the forward that holds the micro-batch's dropout key
+    _require(
+        not (m.dropout_rng == "keyed" and m.dropout > 0 and m.recompute == "full"),
+        f"model.recompute full with model.dropout_rng keyed and model.dropout {m.dropout} is not "
+        "supported (the recomputation runs outside the forward that holds the dropout key); use "
+        "model.recompute selective or null, model.dropout_rng torch, or model.dropout 0",
+    )
 
     p = config.parallel
     for name in (
@@ -576,6 +582,19 @@ def validate(config: RunConfig) -> None:
         _require(
             p.tensor_model_parallel_size > 1,
             "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1",
+        )
+        # the stream ([x_t ; x_0], or x_t alone for B = L with single_stream_mdlm) of a
+        # context-parallel rank is cut into TP slices of whole rows
+        single_stream = m.effective_block_size == m.seq_length and m.single_stream_mdlm
+        name = "model.seq_length" if single_stream else "2 x model.seq_length"
+        rows = (1 if single_stream else 2) * m.seq_length // p.context_parallel_size
+        if p.context_parallel_size > 1:
+            name += " / parallel.context_parallel_size"
+        _require(
+            rows % p.tensor_model_parallel_size == 0,
+            f"parallel.sequence_parallel splits {name} = {rows} rows over "
+            f"parallel.tensor_model_parallel_size {p.tensor_model_parallel_size}; it must be a "
+            "multiple of it",
         )
 
     _require(t.train_iters >= 0, f"training.train_iters must be >= 0, got {t.train_iters}")

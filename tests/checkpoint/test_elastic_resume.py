@@ -1,6 +1,6 @@
 """Elastic resume: a run continues on another layout from its checkpoint (docs/training.md §7).
 
-The reference is one uninterrupted run: DP=2, ZeRO-1, 4 layers, dropout 0, 10 steps, a
+The reference is one uninterrupted run: DP=2, ZeRO-1, 4 layers, dropout 0, 12 steps, a
 checkpoint every 2 steps, validation with the clip search (EMA weights) every 4 steps. A chain of
 resumed runs, each training 2 steps from the previous one's checkpoint, moves it through the
 layouts:
@@ -8,10 +8,11 @@ layouts:
     step 2   DP 2 -> 1                          (2 processes -> 1)
     step 4   DP 1 -> PP 2 x VPP 2, ZeRO-1 -> 0  (torch's AdamW on the parameters themselves)
     step 6   PP 2 x VPP 2 -> TP 2, ZeRO-0 -> 1
-    step 8   TP 2 -> DP 2, ZeRO-1 -> ZeRO-3
+    step 8   TP 2 -> CP 2                       (context parallel: zig-zag halves of both streams)
+    step 10  CP 2 -> DP 2, ZeRO-1 -> ZeRO-3
 
 Every resumed step must log the reference's loss and learning rate, every validation its NLL
-(EMA weights) and clip range, and the optimizer state the chain saves at steps 4 and 10 must be
+(EMA weights) and clip range, and the optimizer state the chain saves at steps 4 and 12 must be
 the reference's (Adam moments, fp32 weights, step count), as must the data position. Loaded
 onto TP=2 and saved again without a step, the state is bit for bit what was saved. Dropout is
 off: the per-rank RNG streams cannot follow a layout change and are re-derived (the diffusion
@@ -35,7 +36,7 @@ from tests.training.tiny_run import (
     write_config,
 )
 
-TRAIN_ITERS = 10
+TRAIN_ITERS = 12
 RESAVE = Path(__file__).parent / "workers" / "resave.py"
 ZERO0, ZERO1, ZERO3 = (str(shipped_config(f"deepspeed/zero{s}.json")) for s in (0, 1, 3))
 # (name, processes, config sections) of each leg; leg i resumes at step 2 * (i + 1)
@@ -46,6 +47,8 @@ LEGS = [
                                         "virtual_pipeline_model_parallel_size": 2},
                            "deepspeed": {"config": ZERO0}}),
     ("tp2", 2, {"parallel": {"tensor_model_parallel_size": 2},
+                "validation": {"micro_batch_size": 4}}),
+    ("cp2", 2, {"parallel": {"context_parallel_size": 2},
                 "validation": {"micro_batch_size": 4}}),
     ("dp2_zero3", 2, {"deepspeed": {"config": ZERO3}}),
 ]
@@ -110,6 +113,8 @@ def test_resumed_leg_continues_the_reference(chain, index):
     assert f"resumed from {previous / 'ckpt' / f'step_{resumed_at:08d}'}" in log
     change = re.search(r"elastic resume: layout (.*?) -> (.*?):", log)
     assert change, log[-3000:]
+    if name == "cp2":
+        assert change.groups() == ("TP 2 PP 1 DP 1 ZeRO-1", "TP 1 PP 1 CP 2 DP 1 ZeRO-1")
     assert "resharded weights, optimizer state (exp_avg, exp_avg_sq, fp32_param" in log
     assert "carried trainer, clip_range, loader" in log and "re-derived rng" in log
 
@@ -128,7 +133,7 @@ def test_resumed_leg_continues_the_reference(chain, index):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("leg,step", [("dp1", 4), ("dp2_zero3", 10)])
+@pytest.mark.parametrize("leg,step", [("dp1", 4), ("dp2_zero3", 12)])
 def test_optimizer_ema_and_data_position_follow_the_chain(chain, tmp_path, leg, step):
     _, reference, legs = chain
     run_dir = dict((name, run) for name, run, _ in legs)[leg]

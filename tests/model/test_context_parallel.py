@@ -22,13 +22,19 @@ WORKERS = Path(__file__).parent / "workers"
     [(1, 2, "all_gather"), (2, 2, "all_gather"), (1, 2, "p2p"), (1, 4, "p2p"), (2, 2, "p2p")],
 )
 def test_context_parallel_matches_single_rank(tp, cp, comm):
-    """CP = 2 (and CP = 2 x TP = 2 with sequence parallel, and with the ring CP = 4, a ring of
+    """CP = 2 (and CP = 2 x TP = 2 with sequence parallel; with the ring also CP = 4, a ring of
     3 steps): loss, every gradient and the logits of each rank's positions equal CP = 1; the
-    all-gather on the block, dense SDPA and flex (forward) kernels, the ring ('p2p') on its own;
-    the exchanged bytes equal the formula."""
+    exchanged bytes equal the formula. The all-gather on the block, dense SDPA and flex
+    (forward) kernels, with full recompute, keyed dropout 0.1 (embedding, hidden, attention
+    probabilities) and document masks (+ per-document RoPE positions); the ring ('p2p') on its
+    own kernels, with full recompute, keyed dropout 0.1 on the embedding and hidden states, and
+    document masks; each variant against its own CP = 1 run."""
     nproc = tp * cp
     output = run_distributed(WORKERS / "context_parallel.py", nproc, str(tp), str(cp), comm)
-    phases = ("ring",) if comm == "p2p" else ("block", "dense_sdpa", "flex")
+    phases = ("block", "recompute_full_block", "dense_sdpa", "flex", "dropout_dense_sdpa",
+              "documents_block", "documents_dense_sdpa", "documents_flex")
+    if comm == "p2p":
+        phases = ("ring", "ring_recompute_full", "ring_hidden_dropout", "ring_documents")
     for rank in range(nproc):
         for phase in phases:
             assert f"CP OK tp{tp}_cp{cp}_{phase} rank={rank}" in output

@@ -88,7 +88,8 @@ def check_against_brute_force(attention, document_ids, block_size, queries, stre
     if attention.plan.kernel == "flex":  # FlexAttention has no CPU backward: forward only
         with torch.no_grad():
             out = attention(q, k, v, document_ids)
-        torch.testing.assert_close(out, expected.detach(), atol=1e-5, rtol=1e-5)
+        expected = brute_force_attention(q, k, v, allowed)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         return
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     out = attention(*inputs, document_ids)
@@ -300,3 +301,79 @@ def test_document_ids_pass_activation_recompute(single_rank):
     for other in results[1:]:
         for name, grad in results[0].items():
             torch.testing.assert_close(other[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_per_batch_masks_follow_new_and_edited_ids(single_rank):
+    # The kernels build their document masks once per batch of ids and reuse them across layers;
+    # another ids tensor, or the same one edited in place, must not reuse stale masks.
+    for path in ("block-structured", "dense"):
+        attention = core_attention(seq_length=32, block_size=4, **PATHS[path])
+        document_ids = random_layout(3, 32, seed=40)
+        check_against_brute_force(attention, document_ids, 4, 64)
+        document_ids[:, 5:] += 1  # in place: a new boundary at token 5
+        check_against_brute_force(attention, document_ids, 4, 64)
+        check_against_brute_force(attention, random_layout(3, 32, seed=41), 4, 64)
+
+
+# -- context parallelism: one rank's attention with documents ------------------------------------
+
+
+@pytest.mark.parametrize("seq_length, block_size, cp", [(32, 4, 2), (48, 4, 3), (32, 8, 2)])
+def test_context_parallel_rank_attention_with_documents(seq_length, block_size, cp):
+    """Each CP rank's attention with documents (its queries [x_t ; x_0] at its positions against
+    [its noisy keys ; all clean keys], global ids [b, L]) equals the brute-force softmax under
+    the rows and columns of those global indices, for random document layouts: the block kernel
+    with spans (values and gradients, also x_t queries alone), the dense masks the core
+    attention uses, and flex (forward)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from megatron_bd3.model.context_parallel import ContextParallelLayout
+    from megatron_bd3.model.masks import document_attention_masks
+
+    L, batch = seq_length, 4
+    document_ids = random_layout(batch, L, seed=L + block_size + cp)
+    allowed_full = brute_force_mask(document_ids, block_size)  # [b, 2L, 2L]
+    scale = 1 / math.sqrt(HEAD_DIM)
+    for rank in range(cp):
+        layout = ContextParallelLayout(L, block_size, cp, rank)
+        n = L // cp
+        chunk = L // (2 * cp)
+        positions = torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
+                               torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)])
+        query_rows = torch.cat([positions, positions + L])
+        key_rows = torch.cat([positions, torch.arange(L, 2 * L)])
+        allowed = allowed_full[:, query_rows][:, :, key_rows]  # [b, 2n, n + L]
+        q, k, v = random_qkv(2 * n + L, batch, seed=rank)
+        q, k, v = q[: 2 * n], k[: n + L], v[: n + L]
+
+        # the dense masks of the core attention's SDPA path
+        noisy_rows, clean_block = document_attention_masks(
+            document_ids, L, block_size, "sdpa", layout
+        )
+        assert torch.equal(noisy_rows[:, 0], allowed[:, :n])
+        assert torch.equal(clean_block[:, 0], allowed[:, n:, n:])
+        assert not bool(allowed[:, n:, :n].any())  # clean queries never see noisy keys
+
+        # the block kernel with the rank's spans, both streams and x_t queries alone
+        for queries in (2 * n, n):
+            inputs = [t.clone().requires_grad_() for t in (q[:queries], k, v)]
+            expected_inputs = [t.clone().requires_grad_() for t in (q[:queries], k, v)]
+            expected = brute_force_attention(*expected_inputs, allowed)  # [queries, b, h*d]
+            out = block_diffusion_attention(
+                *inputs, L, block_size, scale, document_ids=document_ids, spans=layout.spans
+            ).flatten(2)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+            grad = torch.randn_like(out)
+            got = torch.autograd.grad(out, inputs, grad)
+            wanted = torch.autograd.grad(expected, expected_inputs, grad)
+            for name, g, w in zip("qkv", got, wanted, strict=True):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=f"rank {rank} d{name}")
+
+        # flex with the rank's BlockMask (CPU: forward only)
+        block_mask = document_attention_masks(document_ids, L, block_size, "flex", layout)
+        with torch.no_grad():
+            out = flex_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)),
+                                 block_mask=block_mask, scale=scale)
+        out = out.permute(2, 0, 1, 3).flatten(2)
+        expected = brute_force_attention(q, k, v, allowed)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -93,6 +93,38 @@ def test_keyed_dropout_needs_a_key_of_the_micro_batch():
         assert keyed_hidden_dropout(x, 0.0, 1, False) is x  # p = 0 draws nothing
 
 
+def test_scattered_rows_queries_and_keys_get_their_global_masks():
+    """A context-parallel rank's rows are not one run of the stream: given their global rows
+    (rows 8..11 and 20..23 of x_t, the same positions of x_0, L = 32), hidden and attention
+    dropout draw the brute-force masks of those global elements (the x_t-only last layer: the
+    first rows). Under sequence parallel with CP: tests/model/test_context_parallel.py."""
+    L = 32
+    positions = torch.cat([torch.arange(8, 12), torch.arange(20, 24)])
+    stream_rows = torch.cat([positions, positions + L])  # [x_t ; x_0] at the positions
+    x = torch.randn(len(stream_rows), 2, 3)
+    key = DropoutKey(seed=5, step=2, sample_ids=torch.tensor([3, 0]))
+    with dropout_key_scope(key):
+        out = keyed_hidden_dropout(x, 0.5, ATTENTION_OUTPUT, False, stream_rows)
+        x_t_only = keyed_hidden_dropout(x[:8], 0.5, ATTENTION_OUTPUT, False, stream_rows)
+    keep = reference_hidden_keep(5, 2, [3, 0], stream_rows.tolist(), 3, ATTENTION_OUTPUT, 0.5)
+    assert 0 < int(keep.sum()) < keep.numel()
+    torch.testing.assert_close(out, torch.where(keep, x * 2.0, torch.zeros_like(x)))
+    torch.testing.assert_close(x_t_only, out[:8])
+
+    probs = torch.rand(2, 2, len(stream_rows), 4 + L)  # the rank's queries x [noisy ; clean]
+    key_rows = torch.cat([positions[:4], torch.arange(L, 2 * L)])
+    with dropout_key_scope(key):
+        dropped = keyed_attention_dropout(probs, 0.3, 1, first_head=2, q_offset=0, k_offset=0,
+                                          query_ids=stream_rows, key_ids=key_rows)
+    for b, q, k in ((0, 3, 1), (1, 9, 20), (1, 15, 35)):
+        for h in range(2):
+            element = ((((2 + h) << 20) + int(stream_rows[q])) << 20) + int(key_rows[k])
+            u = uniform_noise(5, 2, torch.tensor([3, 0][b]), torch.tensor(element),
+                              STREAM_DROPOUT, 4 * 1 + 3)
+            expected = probs[b, h, q, k] / 0.7 if float(u) >= 0.3 else 0.0
+            assert float(dropped[b, h, q, k]) == pytest.approx(float(expected))
+
+
 def test_attention_dropout_follows_global_heads_and_positions():
     probs = torch.rand(2, 4, 6, 8)  # [b, heads, sq, sk]: 4 global heads, 8 keys
     key = DropoutKey(3, 1, torch.tensor([1, 6]))

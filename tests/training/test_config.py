@@ -115,8 +115,27 @@ def test_bad_overrides_are_refused_naming_the_key(tmp_path, override, message):
             "model.preset mdlm has one block (B = L), which cannot be cut on block edges",
         ),
         (
-            ["parallel.context_parallel_size=2", "data.document_mask=true"],
-            "parallel.context_parallel_size 2 with data.document_mask true is not supported",
+            ["parallel.context_parallel_size=2", "model.seq_length=32", "model.block_size=32"],
+            "model.block_size = model.seq_length (32) gives one block (B = L), which cannot be "
+            "cut on block edges",
+        ),
+        (
+            ["parallel.tensor_model_parallel_size=3", "parallel.sequence_parallel=true",
+             "model.num_attention_heads=3", "model.hidden_size=48", "model.seq_length=64"],
+            "parallel.sequence_parallel splits 2 x model.seq_length = 128 rows over "
+            "parallel.tensor_model_parallel_size 3",
+        ),
+        (
+            ["parallel.context_parallel_size=2", "parallel.tensor_model_parallel_size=3",
+             "parallel.sequence_parallel=true", "model.num_attention_heads=3",
+             "model.hidden_size=48", "model.seq_length=64", "model.block_size=4"],
+            "parallel.sequence_parallel splits 2 x model.seq_length / "
+            "parallel.context_parallel_size = 64 rows over parallel.tensor_model_parallel_size 3",
+        ),
+        (
+            ["model.recompute=full", "model.dropout=0.1", "model.dropout_rng=keyed"],
+            "model.recompute full with model.dropout_rng keyed and model.dropout 0.1 is not "
+            "supported",
         ),
         (
             ["parallel.context_parallel_size=0"],
@@ -212,3 +231,11 @@ def test_finetune_recipe_starts_from_the_mdlm_pretrain_ema_weights():
         assert cfg.model.block_size == b and cfg.training.train_iters == 150_000
         assert cfg.checkpoint.init_from == str(pre.checkpoint_dir) and cfg.checkpoint.init_from_ema
     assert pre.training.train_iters == 850_000
+
+
+def test_context_parallel_takes_document_masks_and_keyed_dropout(tmp_path):
+    path = write(tmp_path, "run.yaml", "{}\n")
+    cfg = load_config(path, ["parallel.context_parallel_size=2", "data.document_mask=true",
+                             "data.document_position_reset=true", "model.dropout=0.1",
+                             "model.dropout_rng=keyed"])
+    assert cfg.parallel.context_parallel_size == 2 and cfg.data.document_mask

@@ -88,3 +88,21 @@ def test_a_broken_shard_ends_the_run_in_one_line_per_rank(tmp_path, fault, nproc
         assert ("is missing" if fault == "missing" else "truncated or replaced") in lines[0]
         if nproc > 1:
             assert lines[0].startswith(f"bd3-train: rank {rank}: ")
+
+
+@pytest.mark.distributed
+def test_a_context_parallel_layout_it_cannot_cut_is_one_line_per_rank(tmp_path):
+    """bd3-train with context parallelism over one block (B = L): every rank prints one line
+    naming the fields and exits 2, before any model is built."""
+    config = write_config(tmp_path / "cfg.yaml", tiny_config(
+        tmp_path / "data" / "manifest.json", tmp_path / "run",
+        model={"block_size": 32}, parallel={"context_parallel_size": 2},
+    ))
+    for result in launch_ranks(config, 2):
+        output = result.stdout + result.stderr
+        assert result.returncode == 2, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.startswith("bd3-train:")]
+        assert len(lines) == 1, output[-3000:]
+        assert str(config) in lines[0]
+        assert "parallel.context_parallel_size 2: model.block_size = model.seq_length" in lines[0]

@@ -12,6 +12,8 @@ layout (docs/training.md §5).
   - TP=2 with sequence parallel (layer-norm gradients summed over TP before DeepSpeed)
   - PP=2 (ZeRO-1, megatron's 1F1B schedule, the p2p activations are the 2L stream)
   - PP=2 x VPP=2 (interleaved schedule, two model chunks per rank in one DeepSpeed engine)
+  - CP=2 (selective recompute, stop and resume, conversion), PP=2 x CP=2 and DP=2 x CP=2 (ZeRO-1)
+    on 4 ranks: a CP rank's dropout masks are keyed by the global stream rows it holds
 ZeRO-0/1/2/3 and offload at DP=2 are also checked against plain torch in test_zero_equivalence.
 """
 
@@ -48,22 +50,6 @@ def reference(tmp_path_factory):
         model=MODEL,
         checkpoint={"interval": 0},
         validation={"micro_batch_size": 4},
-    )
-    run_trainer(write_config(run_dir / "cfg.yaml", config), 1, "--resume", "none")
-    return base, manifest, train_losses(run_dir), val_records(run_dir)
-
-
-# Context parallelism refuses keyed dropout with dropout on (it keys rows by their position in
-# the unsplit stream; docs/training.md): CP runs compare against a reference without dropout.
-CP_MODEL = {"num_layers": LAYERS, "dropout": 0.0}
-
-
-@pytest.fixture(scope="module")
-def cp_reference(reference):
-    base, manifest = reference[0], reference[1]
-    run_dir = base / "ref_cp"
-    config = tiny_config(
-        manifest, run_dir, model=dict(CP_MODEL), validation={"micro_batch_size": 4}
     )
     run_trainer(write_config(run_dir / "cfg.yaml", config), 1, "--resume", "none")
     return base, manifest, train_losses(run_dir), val_records(run_dir)
@@ -154,20 +140,28 @@ def test_pp2_interleaved_vpp2_matches_one_process(reference):
 
 
 @pytest.mark.distributed
-def test_cp2_recompute_resume_and_conversion_match_one_process(cp_reference, tmp_path):
-    """CP = 2 (with full activation recompute): the same losses and validation (clip search
-    included) as one process, through a stop at step 3 with the default ring exchange and a
-    resume from its checkpoint with the all-gather; the final checkpoint converts to a
-    standalone network with the reference run's weights."""
-    from megatron_bd3.convert.trainer_checkpoint import checkpoint_to_standalone
-    from megatron_bd3.standalone.model import BD3Network
+def test_cp2_recompute_resume_and_checkpoint_match_one_process(reference):
+    """CP = 2 (with selective activation recompute: the core attention and its clean key/value
+    exchange rerun in backward): the same losses and validation (clip search included) as one
+    process, through a stop at step 3 with the default ring exchange and a resume from its
+    checkpoint with the all-gather (the exchange is not part of the layout); the final checkpoint
+    loads into the one-process network the converters build, with the reference run's weights.
+    (Full recompute is refused with keyed dropout on, docs/training.md §5; the megatron
+    architecture of these runs has no standalone export, so the check stops at the megatron
+    model.)"""
+    from megatron_bd3.checkpoint import load_model_weights
+    from megatron_bd3.convert.trainer_checkpoint import (
+        model_config_for_conversion,
+        open_checkpoint,
+        single_process_runtime,
+    )
+    from megatron_bd3.model import build_bd3_model
 
-    reference = cp_reference
     base, manifest, _, _ = reference
     run_dir = base / "cp2"
     config = tiny_config(
         manifest, run_dir,
-        model={**CP_MODEL, "recompute": "full"},
+        model={**MODEL, "recompute": "selective"},
         parallel={"context_parallel_size": 2},
         validation={"micro_batch_size": 4},
         checkpoint={"interval": 0},
@@ -175,42 +169,60 @@ def test_cp2_recompute_resume_and_conversion_match_one_process(cp_reference, tmp
     path = write_config(run_dir / "cfg.yaml", config)
     out = run_trainer(path, 2, "--resume", "none", "--stop-after", "3")
     assert "x CP 2 x DP 1" in out, out[-3000:]
-    # the exchange is not part of the layout: the resume runs the all-gather
     run_trainer(path, 2, "parallel.context_parallel_comm=all_gather", "--resume", "auto")
     assert_same(reference, train_losses(run_dir), val_records(run_dir))
     # Adam hides a gradient scale error from the losses; the logged norm does not.
     norms = {r["step"]: r["grad_norm"] for r in read_metrics(run_dir) if "grad_norm" in r}
     ref_norms = {
-        r["step"]: r["grad_norm"] for r in read_metrics(base / "ref_cp") if "grad_norm" in r
+        r["step"]: r["grad_norm"] for r in read_metrics(base / "ref") if "grad_norm" in r
     }
     assert norms.keys() == ref_norms.keys() and norms
     for step, norm in ref_norms.items():
         assert norms[step] == pytest.approx(norm, rel=1e-4), step
 
-    converted = {}
-    for name in ("ref_cp", "cp2"):
-        converted[name] = tmp_path / name
-        checkpoint_to_standalone(base / name / "ckpt", converted[name], use_ema=False)
-    ours = BD3Network.from_pretrained(converted["cp2"]).state_dict()
-    theirs = BD3Network.from_pretrained(converted["ref_cp"]).state_dict()
-    assert ours.keys() == theirs.keys()
-    for key, value in ours.items():
-        torch.testing.assert_close(value, theirs[key], rtol=1e-4, atol=1e-6, msg=key)
+    # the converters' reading of a checkpoint: the run's network at TP = PP = CP = 1
+    states = {}
+    with single_process_runtime():
+        for name in ("ref", "cp2"):
+            step_dir, marker, run_config = open_checkpoint(base / name / "ckpt")
+            model_config = model_config_for_conversion(
+                run_config, int(marker["model"]["vocab_size"]), int(marker["model"]["mask_token_id"])
+            )
+            model = build_bd3_model(model_config, pre_process=True, post_process=True)
+            load_model_weights(step_dir, [model], use_ema=False)
+            states[name] = {k: v for k, v in model.state_dict().items() if v is not None}
+    assert states["cp2"].keys() == states["ref"].keys()
+    for key, value in states["cp2"].items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, states["ref"][key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("comm", ["all_gather", "p2p"])
-def test_pp2_cp2_matches_one_process(cp_reference, comm):
+def test_pp2_cp2_matches_one_process(reference, comm):
     """PP = 2 x CP = 2 on 4 ranks, with either exchange of the clean keys/values: megatron's
     schedule sends the 2L / CP rows between stages."""
-    reference = cp_reference
     losses, vals = run_layout(
         reference,
         f"pp2_cp2_{comm}",
         4,
-        model=CP_MODEL,
         parallel={"pipeline_model_parallel_size": 2, "context_parallel_size": 2,
                   "context_parallel_comm": comm},
+        validation={"micro_batch_size": 2},
+    )
+    assert_same(reference, losses, vals)
+
+
+@pytest.mark.distributed
+def test_dp2_cp2_zero1_matches_one_process(reference):
+    """DP = 2 x CP = 2 on 4 ranks (ZeRO-1 over the DP x CP group): each DP rank's CP pair holds
+    its own micro-batches, and their dropout masks are keyed by global batch position and global
+    stream row."""
+    losses, vals = run_layout(
+        reference,
+        "dp2_cp2",
+        4,
+        parallel={"context_parallel_size": 2},
         validation={"micro_batch_size": 2},
     )
     assert_same(reference, losses, vals)

@@ -158,7 +158,7 @@ class BD3Config(TransformerConfig):
 
     cp_comm_type: str | list[str] | None = "p2p"
     """How context parallelism exchanges the clean stream's keys/values (megatron's field, one
-    value for every layer). 'p2p' (the default: less memory at no more CPU time, measured in
+    value for every layer). 'p2p' (the default: less memory, no slower, measured in
     docs/bench/long-context.md): around the CP ring, merged by log-sum-exp, the backward saving
     only this rank's tensors (model/ring_attention.py; no attention dropout). 'all_gather': one
     all-gather per layer, the backward a reduce-scatter, the attention on the configured kernel

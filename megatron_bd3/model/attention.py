@@ -224,6 +224,12 @@ class BD3CoreAttention(MegatronModule):
                 torch.cuda.is_available(),
                 self.dropout_p,
             )
+        if self.cp_layout is not None and layer_number <= 1:
+            logger.info(
+                "context parallel %d: clean keys/values exchanged by %r (CUDA available: %s, "
+                "attention_dropout %s)",
+                cp_size, self.cp_comm_type, torch.cuda.is_available(), self.dropout_p,
+            )
         compile_flex = getattr(config, "compile_flex", None)
         self.compile_flex = torch.cuda.is_available() if compile_flex is None else compile_flex
         self._validated_masks: set[tuple[int, tuple[int, ...]]] = set()

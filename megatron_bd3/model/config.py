@@ -34,6 +34,17 @@ CP_COMM_TYPES = ("all_gather", "p2p")  # the clean key/value exchange of context
 _warned_cpu_flex = False  # the CPU-flex warning is logged once per process
 
 
+def resolve_cp_comm_type(attention_dropout: float) -> str:
+    """The context-parallel exchange 'auto' stands for, from the device and the config: the
+    ring ('p2p') on CPU without attention dropout (measured there: less memory per rank and no
+    slower, docs/bench/long-context.md); 'all_gather' with CUDA (the ring's GPU path is plain
+    torch per tile, the all-gather's runs compiled FlexAttention; the ring is unmeasured on GPU)
+    or with attention dropout (the ring has none)."""
+    if torch.cuda.is_available() or attention_dropout > 0:
+        return "all_gather"
+    return "p2p"
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU with the tanh approximation, the reference MLP activation.
 
@@ -156,13 +167,14 @@ class BD3Config(TransformerConfig):
     RoPE alone this shifts both positions of every attended pair equally, so the scores are the
     same up to rounding (docs/method.md §1.4)."""
 
-    cp_comm_type: str | list[str] | None = "p2p"
+    cp_comm_type: str | list[str] | None = "auto"
     """How context parallelism exchanges the clean stream's keys/values (megatron's field, one
-    value for every layer). 'p2p' (the default: less memory, no slower, measured in
-    docs/bench/long-context.md): around the CP ring, merged by log-sum-exp, the backward saving
+    value for every layer). 'p2p': around the CP ring, merged by log-sum-exp, the backward saving
     only this rank's tensors (model/ring_attention.py; no attention dropout). 'all_gather': one
     all-gather per layer, the backward a reduce-scatter, the attention on the configured kernel
-    (model/context_parallel.py). docs/training.md "Context parallelism" compares them."""
+    (model/context_parallel.py). 'auto' (the default) is replaced at construction by
+    `resolve_cp_comm_type`, so megatron only ever sees one of the two. docs/training.md
+    "Context parallelism" compares them."""
 
     # -- fast paths: each computes the same loss and gradients (up to summation order, tested in
     # tests/model/test_fast_paths.py) for less work; off only to measure what it buys
@@ -190,6 +202,8 @@ class BD3Config(TransformerConfig):
     positions, an out-of-place SUBS fill and megatron's vocab-parallel cross-entropy."""
 
     def __post_init__(self) -> None:
+        if self.cp_comm_type == "auto":
+            self.cp_comm_type = resolve_cp_comm_type(self.attention_dropout)
         super().__post_init__()
         self._validate_bd3()
         self._validate_context_parallel_exchange()
@@ -200,7 +214,8 @@ class BD3Config(TransformerConfig):
         """cp_comm_type: one of the two exchanges; the ring has no attention dropout."""
         if self.cp_comm_type not in CP_COMM_TYPES:
             raise ValueError(
-                f"BD3Config.cp_comm_type {self.cp_comm_type!r} is not one of {CP_COMM_TYPES} "
+                f"BD3Config.cp_comm_type {self.cp_comm_type!r} is not one of "
+                f"{CP_COMM_TYPES + ('auto',)} "
                 "(the BD3 context-parallel exchanges; parallel.context_parallel_comm in a run "
                 "config)"
             )

@@ -90,9 +90,10 @@ class ParallelSection:
     # Context parallelism: each CP rank holds L / CP positions of both streams (zig-zag chunks
     # of whole blocks) and exchanges the clean keys/values (docs/training.md §4).
     context_parallel_size: int = 1
-    # How (megatron's cp_comm_type): "p2p" around the ring (less memory; no attention dropout)
-    # or "all_gather" (one all-gather per layer, the configured attention kernel).
-    context_parallel_comm: Literal["all_gather", "p2p"] = "p2p"
+    # How (megatron's cp_comm_type): "p2p" around the ring (less memory; no attention dropout),
+    # "all_gather" (one all-gather per layer, the configured attention kernel), or "auto": the
+    # ring on CPU, the all-gather with CUDA (model.config.resolve_cp_comm_type).
+    context_parallel_comm: Literal["auto", "all_gather", "p2p"] = "auto"
 
 
 @dataclass

@@ -56,12 +56,20 @@ def test_ring_attention_matches_masked_softmax(cp):
 
 
 def test_refuses_unknown_exchange_and_ring_dropout():
-    message = r"cp_comm_type 'a2a' is not one of \('all_gather', 'p2p'\)"
+    message = r"cp_comm_type 'a2a' is not one of \('all_gather', 'p2p', 'auto'\)"
     with pytest.raises(ValueError, match=message):
         BD3Config(**tiny_overrides(context_parallel_size=2, cp_comm_type="a2a"))
     with pytest.raises(ValueError, match="cp_comm_type 'p2p' has no attention dropout"):
         BD3Config(**tiny_overrides(context_parallel_size=2, cp_comm_type="p2p",
                                    attention_dropout=0.1))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU choice of 'auto'")
+def test_auto_exchange_is_the_ring_on_cpu_and_the_all_gather_with_attention_dropout():
+    # 'auto' is resolved when the config is built: megatron only ever sees an explicit exchange.
+    assert BD3Config(**tiny_overrides(context_parallel_size=2)).cp_comm_type == "p2p"
+    with_dropout = BD3Config(**tiny_overrides(context_parallel_size=2, attention_dropout=0.1))
+    assert with_dropout.cp_comm_type == "all_gather"
 
 
 def test_layout_is_zig_zag_on_block_edges():

@@ -143,7 +143,7 @@ def test_bad_overrides_are_refused_naming_the_key(tmp_path, override, message):
         ),
         (
             ["parallel.context_parallel_size=2", "parallel.context_parallel_comm=ring"],
-            "parallel.context_parallel_comm: expected 'all_gather' | 'p2p', got 'ring'",
+            "parallel.context_parallel_comm: expected 'auto' | 'all_gather' | 'p2p', got 'ring'",
         ),
     ],
 )

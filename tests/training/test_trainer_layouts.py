@@ -192,22 +192,28 @@ def test_cp2_recompute_resume_and_checkpoint_match_one_process(reference):
             load_model_weights(step_dir, [model], use_ema=False)
             states[name] = {k: v for k, v in model.state_dict().items() if v is not None}
     assert states["cp2"].keys() == states["ref"].keys()
-    # The key bias adds the same q.b_k to every score of a query row, which the softmax cancels:
-    # its gradient is zero up to rounding, and Adam turns that rounding (the ring sums in
-    # another order than one process) into updates of about 1e-6. It gets a looser bound.
+    # The key bias adds q_i . R(j - i) b_k to the score of key j (RoPE rotates it by the distance).
+    # In the lowest-frequency rotary pair (dims hd/2 - 1 and hd - 1) R is nearly the identity, so
+    # the term is nearly the same for every key of a row and the softmax cancels it: the gradient
+    # of those two entries is rounding, which Adam's normalisation turns into updates of about
+    # 1e-6 that follow the summation order (the ring sums in another order than one process).
+    # Those entries get a looser bound; every other entry is held as tightly as any weight.
     groups = model_config.num_query_groups
     per_group = model_config.num_attention_heads // groups + 2  # [q heads ; k ; v] per group
+    head_dim = model_config.kv_channels
+    slowest_pair = [head_dim // 2 - 1, head_dim - 1]
     for key, value in states["cp2"].items():
         if not isinstance(value, torch.Tensor):
             continue
         expected = states["ref"][key]
         if key.endswith("linear_qkv.bias"):
-            value, expected = (t.view(groups, per_group, -1) for t in (value, expected))
+            value, expected = (t.view(groups, per_group, head_dim) for t in (value, expected))
             keys = per_group - 2
-            torch.testing.assert_close(value[:, keys], expected[:, keys], rtol=1e-4, atol=1e-5,
-                                       msg=f"{key} (key rows)")
-            others = [i for i in range(per_group) if i != keys]
-            value, expected = value[:, others], expected[:, others]
+            torch.testing.assert_close(value[:, keys, slowest_pair],
+                                       expected[:, keys, slowest_pair], rtol=1e-4, atol=1e-5,
+                                       msg=f"{key} (key rows, slowest rotary pair)")
+            value, expected = value.clone(), expected.clone()
+            value[:, keys, slowest_pair] = expected[:, keys, slowest_pair]
         torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-6, msg=key)
 
 

@@ -38,8 +38,12 @@ in plain torch (matmul, logsumexp) over tiles of query rows. With document ids [
 positions) each pair's mask is also restricted to keys of the query's document. No attention
 dropout (BD3Config refuses it with 'p2p').
 
-Message order: the sends and receives are posted in the same order on every rank, so that the
-ring also matches on backends that pair point-to-point messages by order, not by tag.
+Messages: every step posts one `batch_isend_irecv` with all of its sends to the next rank and
+the matching receives from the previous one (forward: the next chunk; backward: the next chunk
+and the gradient of the last one), in the same order on every rank. So the ring matches on
+backends that pair point-to-point messages by order, and no send waits on a receive its
+neighbour would post only after its own send completes (NCCL may block a lone send until the
+receive exists). Checked on gloo only: no machine with two GPUs was available.
 """
 
 from __future__ import annotations
@@ -219,28 +223,26 @@ def _merge(out: Tensor, lse: Tensor, rows: slice, part_out: Tensor, part_lse: Te
 
 
 class _Ring:
-    """Point-to-point messages to the next CP rank and from the previous one."""
+    """Point-to-point messages to the next CP rank and from the previous one. Every exchange is
+    one `batch_isend_irecv` holding each send to the next rank together with the matching
+    receives from the previous one, so no rank's send waits on a receive that its neighbour
+    posts only later (NCCL may block a lone send until its receive exists)."""
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
         size, rank = group.size(), group.rank()
         self.next, self.previous = (rank + 1) % size, (rank - 1) % size
 
-    def shift(self, tensor: Tensor) -> tuple[Tensor, list]:
-        """Send `tensor` on, receive the previous rank's into a new buffer (asynchronous)."""
-        received = torch.empty_like(tensor)
-        works = dist.batch_isend_irecv([
-            dist.P2POp(dist.isend, tensor, group=self.group, group_peer=self.next),
-            dist.P2POp(dist.irecv, received, group=self.group, group_peer=self.previous),
-        ])
-        return received, works
-
-    def send(self, tensor: Tensor):
-        return dist.isend(tensor, group=self.group, group_dst=self.next)
-
-    def receive(self, like: Tensor) -> tuple[Tensor, object]:
-        received = torch.empty_like(like)
-        return received, dist.irecv(received, group=self.group, group_src=self.previous)
+    def exchange(self, sends: list[Tensor]) -> tuple[list[Tensor], list]:
+        """Send `sends` to the next rank and receive as many tensors of the same shapes from the
+        previous one, in that order (asynchronous: wait on the returned works)."""
+        received = [torch.empty_like(tensor) for tensor in sends]
+        ops = [dist.P2POp(dist.isend, t, group=self.group, group_peer=self.next) for t in sends]
+        ops += [
+            dist.P2POp(dist.irecv, t, group=self.group, group_peer=self.previous)
+            for t in received
+        ]
+        return received, (dist.batch_isend_irecv(ops) if ops else [])
 
 
 def _wait(works) -> None:
@@ -283,7 +285,7 @@ class _RingAttention(torch.autograd.Function):
             source = (rank - step) % size
             works = []
             if step + 1 < size:
-                received, works = ring.shift(clean)
+                (received,), works = ring.exchange([clean])
                 exchange_meter.forward_bytes += clean.numel() * clean.element_size()
             if step == 0:
                 k, v = _bhsd(_expand(key, groups)), _bhsd(_expand(value, groups))
@@ -318,17 +320,19 @@ class _RingAttention(torch.autograd.Function):
         dq = _bhsd(d_query)
         clean = torch.cat([key[n:], value[n:]], dim=-1).contiguous()  # [n, b, ng, 2 hn]
         d_local = None  # [2n, b, ng, 2 hn]: gradient of this rank's own key/value rows
-        incoming, pending = None, []
+        outgoing = None  # the key/value gradient of the last step's chunk, for the next rank
         for step in range(size):
             source = (rank - step) % size
-            # posted in this order on every rank: the gradient partial of the chunk held now
-            # (sent by the previous rank at the end of its last step), then the next chunk
-            if step >= 2:
-                incoming, incoming_work = ring.receive(clean)
-            works = []
-            if step + 1 < size:
-                received, works = ring.shift(clean)
-                exchange_meter.backward_bytes += clean.numel() * clean.element_size()
+            # One batch per step, in this order on every rank: the next chunk of clean keys/values
+            # (for step + 1), then the gradient of the chunk of the last step, which the next rank
+            # holds now; from the previous rank the same two, the second being its part of the
+            # gradient of the chunk held here now.
+            sends = [clean] if step + 1 < size else []
+            if outgoing is not None:
+                sends.append(outgoing)
+            received, works = ring.exchange(sends)
+            for tensor in sends:
+                exchange_meter.backward_bytes += tensor.numel() * tensor.element_size()
             if step == 0:
                 k, v = _expand(key, groups), _expand(value, groups)
             else:
@@ -347,23 +351,21 @@ class _RingAttention(torch.autograd.Function):
                 dk[:, :, keys] += part_dk
                 dv[:, :, keys] += part_dv
             d_kv = _reduce_heads(d_kv, groups)  # [rows, b, ng, 2 hn]
+            _wait(works)
             if step == 0:
                 d_local = d_kv
             else:
-                if step >= 2:
-                    incoming_work.wait()
-                    d_kv += incoming.float()
-                d_kv = d_kv.to(clean.dtype)
-                pending.append((ring.send(d_kv), d_kv))
-                exchange_meter.backward_bytes += d_kv.numel() * d_kv.element_size()
-            _wait(works)
+                if outgoing is not None:  # the previous rank's part of this chunk's gradient
+                    d_kv += received[-1].float()
+                outgoing = d_kv.to(clean.dtype)
             if step + 1 < size:
-                clean = received
-        if size > 1:  # the gradient of this rank's clean chunk, summed around the ring
-            own, own_work = ring.receive(clean)
-            own_work.wait()
+                clean = received[0]
+        if size > 1:  # the last chunk's gradient goes to its owner, the next rank; this rank's
+            # own clean chunk comes back from the previous one, summed around the ring
+            (own,), works = ring.exchange([outgoing])
+            exchange_meter.backward_bytes += outgoing.numel() * outgoing.element_size()
+            _wait(works)
             d_local[n:] += own.float()
-        _wait(work for work, _ in pending)
         d_key = d_local[..., :hn].to(key.dtype)
         d_value = d_local[..., hn:].to(value.dtype)
         return d_query.to(query.dtype), d_key, d_value, None, None, None, None

@@ -41,6 +41,8 @@ import functools
 import torch
 from torch import Tensor
 
+from megatron_bd3.model.masks import PerBatchCache
+
 # torch's CPU flash-attention kernel and its backward (what F.scaled_dot_product_attention
 # dispatches to on CPU), called directly for the log-sum-exp and the per-chunk backward.
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -122,10 +124,7 @@ def _chunk_key_tokens(start: int, rows: int, block_size: int) -> Tensor:
     return torch.cat([torch.arange(clean), torch.arange(start, start + rows)])
 
 
-# The chunk masks of the last batch's document ids: every layer's forward and backward use the
-# same ones. The entry holds the ids tensor itself, so the identity check cannot be fooled by a
-# new tensor at a recycled address, and its version, so an in-place edit rebuilds them.
-_last_document_chunks: list = []
+_document_chunks = PerBatchCache()  # the chunk masks of the last batch's document ids
 
 
 def _chunks_for(
@@ -136,31 +135,30 @@ def _chunks_for(
     dtype: torch.dtype,
 ) -> tuple[tuple[int, int, int, Tensor, Tensor], ...]:
     """_chunks, with each mask limited to same-document keys when `document_ids` [b, L] are
-    given (masks [b, 1, rows, keys]); built once per batch (one-entry cache keyed by the ids)."""
+    given (masks [b, 1, rows, keys]); built once per batch (masks.PerBatchCache)."""
     chunks = _chunks(spans, block_size, chunk, dtype)
     if document_ids is None:
         return chunks
-    key = (spans, block_size, chunk, dtype, document_ids._version)
-    cached = _last_document_chunks
-    if cached and cached[0] is document_ids and cached[1] == key:
-        return cached[2]
-    with_documents = tuple(
-        (
-            start,
-            local,
-            rows,
-            _with_documents(
-                x_t_mask, document_ids, slice(start, start + rows),
-                _chunk_key_tokens(start, rows, block_size),
-            ),
-            _with_documents(
-                x_0_mask, document_ids, slice(start, start + rows), torch.arange(start + rows)
-            ),
+
+    def build():
+        return tuple(
+            (
+                start,
+                local,
+                rows,
+                _with_documents(
+                    x_t_mask, document_ids, slice(start, start + rows),
+                    _chunk_key_tokens(start, rows, block_size),
+                ),
+                _with_documents(
+                    x_0_mask, document_ids, slice(start, start + rows),
+                    torch.arange(start + rows),
+                ),
+            )
+            for start, local, rows, x_t_mask, x_0_mask in chunks
         )
-        for start, local, rows, x_t_mask, x_0_mask in chunks
-    )
-    cached[:] = [document_ids, key, with_documents]
-    return with_documents
+
+    return _document_chunks.get(document_ids, (spans, block_size, chunk, dtype), build)
 
 
 def _bhsd(x: Tensor) -> Tensor:

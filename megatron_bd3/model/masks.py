@@ -115,10 +115,27 @@ def is_document_ids(attention_mask: object) -> bool:
     )
 
 
-# The masks of the last batch's document ids: every layer of a forward (and its recompute) asks
-# for the same ones. The entry holds the ids tensor itself, so the identity check cannot be
-# fooled by a new tensor at a recycled address.
-_last_document_masks: list = []
+class PerBatchCache:
+    """One entry: what was built for the last batch's document ids [b, L]. Every layer's forward
+    and backward (and a recompute) of a batch ask for the same masks, so they are built once per
+    batch. The entry holds the ids tensor itself, so a new tensor at a recycled address cannot
+    match, and its version, so an in-place edit of the ids rebuilds."""
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+
+    def get(self, document_ids: torch.Tensor, key: object, build):
+        """The value cached for (these ids, `key`), else `build()` cached in its place."""
+        full_key = (key, document_ids._version)
+        entry = self._entry
+        if entry is not None and entry[0] is document_ids and entry[1] == full_key:
+            return entry[2]
+        value = build()
+        self._entry = (document_ids, full_key, value)
+        return value
+
+
+_document_masks = PerBatchCache()
 
 
 def document_attention_masks(
@@ -141,25 +158,26 @@ def document_attention_masks(
     [its noisy keys ; all clean keys], its x_0 queries against the clean keys.
 
     Built once per batch and kind (one-entry cache keyed by the ids tensor)."""
-    key = (kind, seq_length, block_size, layout, document_ids._version)  # _version: in-place edits
-    if _last_document_masks and _last_document_masks[0] is document_ids:
-        if _last_document_masks[1] == key:
-            return _last_document_masks[2]
+    return _document_masks.get(
+        document_ids,
+        (kind, seq_length, block_size, layout),
+        lambda: _build_document_masks(document_ids, seq_length, block_size, kind, layout),
+    )
+
+
+def _build_document_masks(document_ids, seq_length, block_size, kind, layout):
     if layout is not None:
-        masks = _context_parallel_document_masks(document_ids, kind, layout)
-    elif kind == "flex":
-        masks: BlockMask | tuple[torch.Tensor, ...] = document_block_mask(document_ids, block_size)
-    elif kind == "sdpa":
+        return _context_parallel_document_masks(document_ids, kind, layout)
+    if kind == "flex":
+        return document_block_mask(document_ids, block_size)
+    if kind == "sdpa":
         noisy_rows, clean_block = split_training_mask(seq_length, block_size, document_ids.device)
         same = same_document_mask(document_ids, streams=1)  # [b, L, L]
         both_streams = torch.cat([same, same], dim=-1)  # [b, L, 2L]: x_t keys, then x_0 keys
-        masks = ((noisy_rows & both_streams)[:, None], (clean_block & same)[:, None])
-    elif kind == "bidirectional":
-        masks = (same_document_mask(document_ids, streams=1)[:, None],)
-    else:
-        raise ValueError(f"document mask kind {kind!r} is not one of flex, sdpa, bidirectional")
-    _last_document_masks[:] = [document_ids, key, masks]
-    return masks
+        return (noisy_rows & both_streams)[:, None], (clean_block & same)[:, None]
+    if kind == "bidirectional":
+        return (same_document_mask(document_ids, streams=1)[:, None],)
+    raise ValueError(f"document mask kind {kind!r} is not one of flex, sdpa, bidirectional")
 
 
 def _context_parallel_document_masks(

@@ -59,6 +59,7 @@ from megatron_bd3.diffusion import block_diffusion_allowed
 from megatron_bd3.model import block_attention
 from megatron_bd3.model.block_attention import _flash_backward, _flash_forward, _with_documents
 from megatron_bd3.model.context_parallel import ContextParallelLayout, exchange_meter
+from megatron_bd3.model.masks import PerBatchCache
 
 _NEG_INF = float("-inf")
 # Query rows per matmul of the plain-torch path (bounds its [b, np, rows, keys] scores).
@@ -132,10 +133,26 @@ def _pair(q0, k0, allowed, q_rows, k_rows, L, dtype, device) -> _Pair:
     )
 
 
-def _pair_mask(pair: _Pair, document_ids: Tensor | None, dtype: torch.dtype):
-    """(additive mask or None, rows with no allowed key or None) of a call, with documents."""
+_document_pair_masks = PerBatchCache()  # {step key: masks of its calls} of the last batch
+
+
+def _step_masks(
+    pairs: tuple[_Pair, ...], document_ids: Tensor | None, key: tuple, dtype: torch.dtype
+) -> list[tuple[Tensor | None, Tensor | None]]:
+    """(additive mask or None, rows with no allowed key or None) of each call of a step; with
+    documents built once per batch for every layer's forward and backward (masks.PerBatchCache;
+    `key` names the step: layout, source rank, queries, dtype, device)."""
     if document_ids is None:
-        return pair.mask, pair.empty_rows
+        return [(pair.mask, pair.empty_rows) for pair in pairs]
+    steps = _document_pair_masks.get(document_ids, key[0], dict)
+    if key not in steps:
+        steps[key] = [_pair_mask(pair, document_ids, dtype) for pair in pairs]
+    return steps[key]
+
+
+def _pair_mask(pair: _Pair, document_ids: Tensor, dtype: torch.dtype):
+    """(additive mask [b, 1, rows, keys], rows with no allowed key [b, 1, rows]) of a call,
+    limited to keys of the query's document."""
     mask = pair.mask
     if mask is None:
         mask = pair.query_tokens.new_zeros(
@@ -292,8 +309,11 @@ class _RingAttention(torch.autograd.Function):
             else:
                 k = _bhsd(_expand(clean[..., :hn], groups))
                 v = _bhsd(_expand(clean[..., hn:], groups))
-            for pair in _step_pairs(layout, source, query.size(0), query.dtype, query.device):
-                mask, empty = _pair_mask(pair, document_ids, query.dtype)
+            step_key = (layout, source, query.size(0), query.dtype, query.device)
+            pairs = _step_pairs(*step_key)
+            for pair, (mask, empty) in zip(
+                pairs, _step_masks(pairs, document_ids, step_key, query.dtype), strict=True
+            ):
                 part_out, part_lse = _attend(
                     q[:, :, pair.queries], k[:, :, pair.keys], v[:, :, pair.keys], mask, empty,
                     scale,
@@ -340,8 +360,11 @@ class _RingAttention(torch.autograd.Function):
             d_kv = query.new_zeros((k.size(0), *k.shape[1:-1], 2 * hn), dtype=torch.float32)
             dk, dv = _bhsd(d_kv[..., :hn]), _bhsd(d_kv[..., hn:])
             k, v = _bhsd(k), _bhsd(v)
-            for pair in _step_pairs(layout, source, query.size(0), query.dtype, query.device):
-                mask, _ = _pair_mask(pair, document_ids, query.dtype)
+            step_key = (layout, source, query.size(0), query.dtype, query.device)
+            pairs = _step_pairs(*step_key)
+            for pair, (mask, _) in zip(
+                pairs, _step_masks(pairs, document_ids, step_key, query.dtype), strict=True
+            ):
                 rows, keys = pair.queries, pair.keys
                 part_dq, part_dk, part_dv = _attend_backward(
                     g[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], o[:, :, rows],

@@ -167,7 +167,7 @@ class BD3Config(TransformerConfig):
     RoPE alone this shifts both positions of every attended pair equally, so the scores are the
     same up to rounding (docs/method.md §1.4)."""
 
-    cp_comm_type: str | list[str] | None = "auto"
+    cp_comm_type: str = "auto"
     """How context parallelism exchanges the clean stream's keys/values (megatron's field, one
     value for every layer). 'p2p': around the CP ring, merged by log-sum-exp, the backward saving
     only this rank's tensors (model/ring_attention.py; no attention dropout). 'all_gather': one
@@ -368,6 +368,13 @@ class BD3Config(TransformerConfig):
                 "and dropout on is not supported: the recomputation runs during backward, "
                 "outside the forward that holds the micro-batch's dropout key; use "
                 "dropout_rng 'torch' or turn recompute off"
+            )
+        # keyed attention dropout packs (head, query, key) with 2^20 stream positions each
+        if self.attention_dropout > 0 and 2 * self.seq_length > 2**20:
+            raise ValueError(
+                f"dropout_rng 'keyed' with attention_dropout keys stream positions below 2^20; "
+                f"seq_length {self.seq_length} gives {2 * self.seq_length} positions: use "
+                "dropout_rng 'torch' or attention_dropout 0"
             )
 
     def _validate_noise_schedule(self) -> None:

@@ -253,3 +253,14 @@ def test_keyed_dropout_refuses_activation_recompute():
     BD3Config(**tiny_overrides(dropout_rng="torch", hidden_dropout=0.1,
                                recompute_granularity="full", recompute_method="uniform",
                                recompute_num_layers=1))
+
+
+def test_keyed_attention_dropout_refuses_positions_it_cannot_pack():
+    # (head, query, key) are packed with 2^20 stream positions each: 2L must stay below that.
+    with pytest.raises(ValueError, match="keys stream positions below 2\\^20; seq_length 524800"):
+        BD3Config(**tiny_overrides(dropout_rng="keyed", attention_dropout=0.1,
+                                   seq_length=524800, block_size=4))
+    BD3Config(**tiny_overrides(dropout_rng="keyed", attention_dropout=0.1, seq_length=524288,
+                               block_size=4))
+    BD3Config(**tiny_overrides(dropout_rng="keyed", attention_dropout=0.0, seq_length=524800,
+                               block_size=4))

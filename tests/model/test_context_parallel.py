@@ -45,11 +45,11 @@ def test_context_parallel_matches_single_rank(tp, cp, comm):
 def test_ring_attention_matches_masked_softmax(cp):
     """The ring exchange alone on CP ranks: output and query/key/value gradients equal a
     brute-force softmax under the reference mask (both streams, x_t queries only, grouped-query
-    heads, random documents; the CPU flash kernel and the plain-torch path); bytes sent equal
-    (CP - 1) x forward and 2 (CP - 1) x backward."""
+    heads, random documents; the CPU flash kernel in fp32 and bf16, and the plain-torch path);
+    bytes sent equal (CP - 1) x forward and 2 (CP - 1) x backward."""
     output = run_distributed(WORKERS / "ring_attention.py", cp)
     cases = ("both_streams", "x_t_only", "documents", "documents_x_t_only",
-             "plain_torch_documents")
+             "plain_torch_documents", "bf16_documents")
     for rank in range(cp):
         for case in cases:
             assert f"RING OK {case} cp{cp} rank={rank}" in output

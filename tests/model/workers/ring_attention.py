@@ -61,14 +61,19 @@ def main() -> None:
     layout = ContextParallelLayout(L, B, cp, rank)
     pos = zig_zag_positions(rank, cp)
     full_mask = reference_bd3_mask(L, B)  # [2L, 2L]
-    # float32 runs torch's CPU flash kernel per call, float64 the plain-torch path
+    # float32 and bfloat16 run torch's CPU flash kernel per call, float64 the plain-torch path;
+    # bfloat16 also rounds the key/value gradient partials at every hop of the ring
     for case, groups, x_t_only, documents, dtype in [
         ("both_streams", 2, False, False, torch.float32),
         ("x_t_only", 4, True, False, torch.float32),
         ("documents", 1, False, True, torch.float32),
         ("documents_x_t_only", 2, True, True, torch.float32),
         ("plain_torch_documents", 2, False, True, torch.float64),
+        ("bf16_documents", 2, False, True, torch.bfloat16),
     ]:
+        # bf16 keeps 8 bits of mantissa: outputs and gradients of size ~1-3 are good to ~2e-2
+        tolerance = dict(atol=5e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(
+            atol=1e-5, rtol=1e-4)
         generator = torch.Generator().manual_seed(17)
         sq = L if x_t_only else 2 * L
         q = torch.randn(sq, BATCH, HEADS, HEAD_DIM, generator=generator)
@@ -94,12 +99,12 @@ def main() -> None:
         out = ring_attention(*mine, layout, group, SCALE, document_ids=docs)
         out.backward(grad[query_rows].to(dtype))
         torch.testing.assert_close(out.double(), expected[query_rows].detach(),
-                                   atol=1e-5, rtol=1e-4, msg=f"{case} output")
+                                   **tolerance, msg=f"{case} output")
         # the key/value gradients of this rank's rows hold the contributions of every rank
         for name, got, want, rows in (("q", mine[0], q64, query_rows),
                                       ("k", mine[1], k64, key_rows),
                                       ("v", mine[2], v64, key_rows)):
-            torch.testing.assert_close(got.grad.double(), want.grad[rows], atol=1e-5, rtol=1e-4,
+            torch.testing.assert_close(got.grad.double(), want.grad[rows], **tolerance,
                                        msg=f"{case} d{name}")
         x = (L // cp) * BATCH * (HEADS // groups) * 2 * HEAD_DIM * dtype.itemsize
         sent = (exchange_meter.forward_bytes, exchange_meter.backward_bytes)

@@ -32,6 +32,7 @@ ORPHAN_EXIT_CODE = 143  # as if terminated by SIGTERM (128 + 15)
 
 _watching_pid: int | None = None  # the process whose watchdog runs (not inherited by a fork)
 _fork_hook_registered = False  # inherited by a fork, as the registration itself is
+_forking_pid: int | None = None  # set in the parent just before a fork; a forked child reads it
 
 
 def launched_by_agent() -> bool:
@@ -41,18 +42,24 @@ def launched_by_agent() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "CROSS_RANK" in os.environ
 
 
-def exit_with_parent(message: str | None = None, poll_interval: float = POLL_INTERVAL_S) -> None:
+def exit_with_parent(
+    message: str | None = None,
+    poll_interval: float = POLL_INTERVAL_S,
+    parent_pid: int | None = None,
+) -> None:
     """End this process (exit status 143, after printing `message` to stderr) within
     `poll_interval` seconds of its parent's death. Idempotent per process.
 
-    The parent is the one multiprocessing recorded (a worker started by a multiprocessing
-    Process), else the current os.getppid()."""
+    The parent is `parent_pid` when given, else the one multiprocessing recorded (a worker
+    started by a multiprocessing Process), else the current os.getppid() (which is already the
+    reaper's pid if the parent died before this call: give parent_pid where that can happen)."""
     global _watching_pid
     if _watching_pid == os.getpid():
         return
     _watching_pid = os.getpid()
-    parent = multiprocessing.parent_process()
-    parent_pid = parent.pid if parent is not None else os.getppid()
+    if parent_pid is None:
+        parent = multiprocessing.parent_process()
+        parent_pid = parent.pid if parent is not None else os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent_pid:
@@ -71,7 +78,18 @@ def children_exit_with_this_process() -> None:
     global _fork_hook_registered
     if not _fork_hook_registered:
         _fork_hook_registered = True
-        os.register_at_fork(after_in_child=exit_with_parent)
+        # The parent's pid is taken in the parent before the fork: a child that only runs its
+        # hook after the parent has died would otherwise watch the reaper instead.
+        os.register_at_fork(before=_remember_forking_pid, after_in_child=_watch_forking_parent)
+
+
+def _remember_forking_pid() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+def _watch_forking_parent() -> None:
+    exit_with_parent(parent_pid=_forking_pid)
 
 
 def exit_with_parent_worker(worker_id: int) -> None:

@@ -19,7 +19,7 @@ from tests.dist_launcher import REPO_ROOT
 
 PARENT = textwrap.dedent(
     """
-    import multiprocessing, sys, time
+    import multiprocessing, os, sys, time
     from megatron_bd3.lifetime import children_exit_with_this_process, exit_with_parent
 
     def child(watch):
@@ -37,6 +37,10 @@ PARENT = textwrap.dedent(
         else:  # every fork of this process gets it, from the first fork after the call
             unwatched = context.Process(target=child, args=(False,))
             unwatched.start()
+            if sys.argv[2] == "fork-hook-slow-child":
+                # after_in_child hooks run in registration order: this child reaches the
+                # watchdog's hook only after its parent has been killed
+                os.register_at_fork(after_in_child=lambda: time.sleep(1.5))
             children_exit_with_this_process()
             watched = context.Process(target=child, args=(False,))
             watched.start()
@@ -56,7 +60,9 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 @pytest.mark.parametrize(
-    "start_method, how", [("fork", "explicit"), ("spawn", "explicit"), ("fork", "fork-hook")]
+    "start_method, how",
+    [("fork", "explicit"), ("spawn", "explicit"), ("fork", "fork-hook"),
+     ("fork", "fork-hook-slow-child")],
 )
 def test_a_watched_child_ends_with_its_killed_parent(tmp_path, start_method, how):
     script = tmp_path / "parent.py"
